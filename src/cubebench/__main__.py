@@ -1,0 +1,3 @@
+from cubebench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,537 @@
+"""A task prepared once and identically for every library.
+
+`TaskSpec` says what to predict from what, where and when; `prepare_task` turns it into a
+`PreparedTask` against a cube:
+
+* the cube is cut into **blocks aligned to its storage chunks** (a block is a whole number of
+  chunks), so a loader reads each chunk for exactly one part and no block is in two parts;
+* blocks holding at least one valid sample are ranked by a seeded hash and assigned to
+  train / val / test in the requested fractions (or, in `region` mode, by source and target box);
+* normalisation statistics come from **train blocks only**, in one NaN-safe dask pass that also
+  counts the valid samples of every block (on a `distributed` cluster when one is given).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import dask
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from cubebench.cube.fingerprint import cube_fingerprint
+from cubebench.cube.schema import require_variable
+from cubebench.errors import TaskError
+
+COORD_FEATURES = ("lat", "lon", "sin_doy", "cos_doy")
+PARTS = ("train", "val", "test")
+TARGET_PARTS = ("target_train", "target_val", "target_test")
+
+
+@dataclass(frozen=True)
+class Box:
+    """A latitude/longitude box in degrees; longitudes in [-180, 180] (0..360 cubes work too)."""
+
+    lat_min: float
+    lat_max: float
+    lon_min: float = -180.0
+    lon_max: float = 180.0
+
+    @classmethod
+    def parse(cls, text: str) -> Box:
+        """`"lat_min,lat_max,lon_min,lon_max"` (or just the two latitudes)."""
+        try:
+            values = [float(v) for v in text.split(",")]
+        except ValueError:
+            values = []
+        if len(values) not in (2, 4):
+            raise TaskError(f"a box is 'lat_min,lat_max[,lon_min,lon_max]', got {text!r}")
+        box = cls(*values)
+        if box.lat_min >= box.lat_max or box.lon_min >= box.lon_max:
+            raise TaskError(f"empty box {text!r}: minimum must be below maximum")
+        return box
+
+    def lat_mask(self, lat: np.ndarray) -> np.ndarray:
+        return (lat >= self.lat_min) & (lat <= self.lat_max)
+
+    def lon_mask(self, lon: np.ndarray) -> np.ndarray:
+        wrapped = (np.asarray(lon) + 180.0) % 360.0 - 180.0
+        return (wrapped >= self.lon_min) & (wrapped <= self.lon_max)
+
+    def __str__(self) -> str:
+        return f"lat {self.lat_min:g}..{self.lat_max:g}, lon {self.lon_min:g}..{self.lon_max:g}"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What to predict from what, where and when, and how to split it."""
+
+    name: str = "lst-from-t2m"
+    inputs: tuple[str, ...] = ("air_temperature_2m",)
+    coord_features: tuple[str, ...] = ("lat", "sin_doy", "cos_doy")
+    target: str = "land_surface_temperature"
+    region: Box | None = None
+    time_range: tuple[str, str] | None = None
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    block_chunks: tuple[int, int, int] = (1, 1, 1)  # chunks per block along time, lat, lon
+    split: Literal["blocks", "region"] = "blocks"
+    source_box: Box | None = None  # region split: pretrain here ...
+    target_box: Box | None = None  # ... and transfer to here
+    seed: int = 0
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return self.inputs + self.coord_features
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return PARTS + TARGET_PARTS if self.split == "region" else PARTS
+
+    def validate(self) -> None:
+        unknown = set(self.coord_features) - set(COORD_FEATURES)
+        if unknown:
+            raise TaskError(
+                f"unknown coordinate feature(s) {sorted(unknown)}; known: {list(COORD_FEATURES)}"
+            )
+        f = self.fractions
+        if len(f) != 3 or min(f) < 0 or f[0] <= 0 or abs(sum(f) - 1.0) > 1e-6:
+            raise TaskError(f"split fractions must be 3 non-negative numbers summing to 1, got {f}")
+        if min(self.block_chunks) < 1:
+            raise TaskError(f"block_chunks must be positive, got {self.block_chunks}")
+        if self.split == "region" and (self.source_box is None or self.target_box is None):
+            raise TaskError("region split needs both a source box and a target box")
+        if self.split not in ("blocks", "region"):
+            raise TaskError(f"split must be 'blocks' or 'region', got {self.split!r}")
+
+
+# The reference use case of the DeepESDL ML toolkits.
+TASKS: dict[str, TaskSpec] = {
+    "lst-from-t2m": TaskSpec(),
+    "lst-from-t2m-transfer": TaskSpec(
+        name="lst-from-t2m-transfer",
+        split="region",
+        source_box=Box(20.0, 70.0),
+        target_box=Box(-60.0, -10.0),
+    ),
+}
+
+
+def get_task(name: str, **overrides: object) -> TaskSpec:
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    return replace(TASKS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+# --- samples of one block: the reference definition every loader must reproduce ---------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which pixels of the cube the task may use, as three 1-D masks (time, lat, lon)."""
+
+    time: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+
+    def any_in(self, ts: slice, ys: slice, xs: slice) -> bool:
+        return bool(self.time[ts].any() and self.lat[ys].any() and self.lon[xs].any())
+
+
+@dataclass(frozen=True)
+class CoordArrays:
+    """Per-axis values of the coordinate features."""
+
+    lat: np.ndarray
+    lon: np.ndarray
+    season: np.ndarray  # angle of the annual cycle per time step
+
+
+def season_of(time: xr.DataArray) -> np.ndarray:
+    """2*pi*(day_of_year - 1)/days_in_year: works for any calendar (360_day included)."""
+    doy = time.dt.dayofyear.values.astype(np.float64)
+    days = time.dt.days_in_year.values.astype(np.float64)
+    return 2.0 * np.pi * (doy - 1.0) / days
+
+
+def block_samples(
+    inputs: Sequence[np.ndarray],
+    target: np.ndarray,
+    coords: CoordArrays,
+    selection: Selection,
+    coord_features: Sequence[str],
+    origin: tuple[int, int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) of every valid pixel of one block, in C order; float64, physical units.
+
+    `origin` is the block's first (time, lat, lon) index. A pixel is valid when it lies in the
+    selection and every input and the target are finite.
+    """
+    nt, ny, nx = target.shape
+    t0, y0, x0 = origin
+    sel = (
+        selection.time[t0 : t0 + nt, None, None]
+        & selection.lat[None, y0 : y0 + ny, None]
+        & selection.lon[None, None, x0 : x0 + nx]
+    )
+    valid = sel & np.isfinite(target)
+    for a in inputs:
+        valid &= np.isfinite(a)
+    it, iy, ix = np.nonzero(valid)
+    columns = [a[valid].astype(np.float64) for a in inputs]
+    per_axis = {
+        "lat": lambda: coords.lat[y0 + iy],
+        "lon": lambda: coords.lon[x0 + ix],
+        "sin_doy": lambda: np.sin(coords.season[t0 + it]),
+        "cos_doy": lambda: np.cos(coords.season[t0 + it]),
+    }
+    columns += [per_axis[name]().astype(np.float64) for name in coord_features]
+    x = np.stack(columns, axis=1) if columns else np.empty((valid.sum(), 0))
+    return x, target[valid].astype(np.float64)
+
+
+# --- moments: count, mean and M2, merged exactly across blocks (Chan et al.) --------------
+
+
+@dataclass(frozen=True)
+class Moments:
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> Moments:
+        if len(values) == 0:
+            return cls(0, np.zeros(values.shape[1]), np.zeros(values.shape[1]))
+        mean = values.mean(axis=0)
+        return cls(len(values), mean, ((values - mean) ** 2).sum(axis=0))
+
+    def __add__(self, other: Moments) -> Moments:
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / n)
+        return Moments(n, mean, m2)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / self.n) if self.n else np.full_like(self.mean, np.nan)
+
+
+def _block_moments(
+    inputs: list[np.ndarray],
+    target: np.ndarray,
+    coords: CoordArrays,
+    selection: Selection,
+    coord_features: tuple[str, ...],
+    origin: tuple[int, int, int],
+) -> Moments:
+    x, y = block_samples(inputs, target, coords, selection, coord_features, origin)
+    return Moments.of(np.column_stack([x, y]))
+
+
+# --- the prepared task ----------------------------------------------------------------------
+
+
+@dataclass
+class PreparedTask:
+    """A task bound to a cube: blocks per part, sample counts and train-only statistics."""
+
+    spec: TaskSpec
+    cube: xr.Dataset
+    fingerprint: str
+    chunk_shape: tuple[int, int, int]
+    block_shape: tuple[int, int, int]
+    block_edges: tuple[np.ndarray, np.ndarray, np.ndarray]  # block boundaries per axis
+    coords: CoordArrays
+    selections: dict[str, Selection]  # per part
+    blocks: dict[str, np.ndarray]  # part -> (k, 3) block indices, sorted
+    samples: dict[str, int]  # part -> valid samples
+    feature_mean: np.ndarray
+    feature_std: np.ndarray
+    target_mean: float
+    target_std: float
+    target_units: str
+    noise_floor: float | None
+    blocks_without_samples: int
+    blocks_in_both_boxes: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def block_grid(self) -> tuple[int, int, int]:
+        return tuple(len(e) - 1 for e in self.block_edges)  # type: ignore[return-value]
+
+    def block_slices(self, block: Sequence[int]) -> tuple[slice, slice, slice]:
+        return _block_slices(self.block_edges, block)
+
+    def read_block(self, part: str, block: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(X, y) of one block in physical units: the reference path, not the fast loader."""
+        ts, ys, xs = self.block_slices(block)
+        spec = self.spec
+        arrays = [np.asarray(self.cube[v].data[ts, ys, xs]) for v in (*spec.inputs, spec.target)]
+        return block_samples(
+            arrays[:-1],
+            arrays[-1],
+            self.coords,
+            self.selections[part],
+            spec.coord_features,
+            (ts.start, ys.start, xs.start),
+        )
+
+    def iter_part(self, part: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for block in self.blocks[part]:
+            yield self.read_block(part, block)
+
+    def load_part(self, part: str) -> tuple[np.ndarray, np.ndarray]:
+        """All (X, y) of a part in memory, physical units, block order. For small cubes."""
+        pieces = list(self.iter_part(part))
+        if not pieces:
+            return np.empty((0, len(self.spec.features))), np.empty(0)
+        return np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
+
+    def normalize(self, x: np.ndarray, y: np.ndarray | None = None):
+        """Features (and target) scaled with the train-only statistics."""
+        xn = (x - self.feature_mean) / self.feature_std
+        return xn if y is None else (xn, (y - self.target_mean) / self.target_std)
+
+    def summary(self) -> dict:
+        spec = self.spec
+        return {
+            "task": spec.name,
+            "cube": self.cube.attrs.get("cubebench_source", "?"),
+            "fingerprint": self.fingerprint,
+            "features": list(spec.features),
+            "target": f"{spec.target} [{self.target_units}]",
+            "region": str(spec.region) if spec.region else "all",
+            "time": " .. ".join(spec.time_range) if spec.time_range else "all",
+            "split": spec.split,
+            "seed": spec.seed,
+            "chunk_shape": list(self.chunk_shape),
+            "block_shape": list(self.block_shape),
+            "blocks": {p: len(b) for p, b in self.blocks.items()},
+            "blocks_without_samples": self.blocks_without_samples,
+            "blocks_in_both_boxes": self.blocks_in_both_boxes,
+            "samples": dict(self.samples),
+            "feature_mean": dict(zip(spec.features, self.feature_mean.round(6).tolist())),
+            "feature_std": dict(zip(spec.features, self.feature_std.round(6).tolist())),
+            "target_mean": round(self.target_mean, 6),
+            "target_std": round(self.target_std, 6),
+            "noise_floor": self.noise_floor,
+        }
+
+
+def _block_rank_key(seed: int, block: tuple[int, int, int]) -> bytes:
+    """A seeded hash of a block's position: its place in the split order."""
+    return hashlib.blake2b(
+        f"{seed}:{block[0]}:{block[1]}:{block[2]}".encode(), digest_size=8
+    ).digest()
+
+
+def assign_blocks(
+    blocks: list[tuple[int, int, int]],
+    fractions: tuple[float, float, float],
+    seed: int,
+    names: tuple[str, str, str] = PARTS,
+) -> dict[str, list[tuple[int, int, int]]]:
+    """Order blocks by a seeded hash and cut the order in the requested fractions.
+
+    Every part with a positive fraction gets at least one block, or a TaskError says why not.
+    """
+    order = sorted(blocks, key=lambda b: _block_rank_key(seed, b))
+    wanted = [i for i, f in enumerate(fractions) if f > 0]
+    if len(order) < len(wanted):
+        raise TaskError(
+            f"only {len(order)} block(s) hold valid samples, too few for a "
+            f"{'/'.join(names[i] for i in wanted)} split; use smaller chunks (or block_chunks), "
+            "a larger region or a longer time range"
+        )
+    n = len(order)
+    counts = [max(1, round(f * n)) if f > 0 else 0 for f in fractions]
+    # the last positive part takes the remainder, never less than one block
+    last = wanted[-1]
+    counts[last] = 0
+    counts[last] = n - sum(counts)
+    while counts[last] < 1:
+        donor = max(range(3), key=lambda i: counts[i] if i != last else -1)
+        counts[donor] -= 1
+        counts[last] += 1
+    out, start = {}, 0
+    for name, count in zip(names, counts):
+        out[name] = order[start : start + count]
+        start += count
+    return out
+
+
+def _selection(ds: xr.Dataset, box: Box | None, time_range: tuple[str, str] | None) -> Selection:
+    lat, lon = ds["lat"].values, ds["lon"].values
+    time = ds["time"]
+    if time_range is None:
+        tmask = np.ones(time.size, bool)
+    else:
+        start, end = time_range
+        try:
+            index = time.to_index()
+            tmask = np.asarray((index >= pd.Timestamp(start)) & (index <= pd.Timestamp(end)))
+        except TypeError:  # cftime calendars compare with their own dates
+            index = time.to_index()
+            cls = type(index[0])
+            lo, hi = (cls(*pd.Timestamp(v).timetuple()[:3]) for v in (start, end))
+            tmask = np.asarray((index >= lo) & (index <= hi))
+    return Selection(
+        tmask,
+        box.lat_mask(lat) if box else np.ones(lat.size, bool),
+        box.lon_mask(lon) if box else np.ones(lon.size, bool),
+    )
+
+
+def _block_edges(chunks: tuple[int, ...], per_block: int) -> np.ndarray:
+    """Block boundaries along one axis: every `per_block`-th chunk boundary, plus the end."""
+    edges = np.concatenate([[0], np.cumsum(chunks)])
+    picked = edges[::per_block]
+    return picked if picked[-1] == edges[-1] else np.append(picked, edges[-1])
+
+
+def _block_slices(edges: Sequence[np.ndarray], block: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(int(e[b]), int(e[b + 1])) for e, b in zip(edges, block))
+
+
+def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None) -> PreparedTask:
+    """Bind `spec` to `cube`: split blocks, count samples, compute train-only statistics.
+
+    `scheduler` is None (dask's default threads), `"local"` (a LocalCluster of processes) or a
+    `distributed` scheduler address.
+    """
+    spec.validate()
+    names = (*spec.inputs, spec.target)
+    ds = xr.Dataset({v: require_variable(cube, v) for v in names}, attrs=dict(cube.attrs))
+    if ds[spec.target].chunks is None:  # an in-memory dataset: one chunk
+        ds = ds.chunk(dict.fromkeys(("time", "lat", "lon"), -1))
+    target = ds[spec.target]
+    chunks = target.chunks
+    chunk_shape = tuple(int(c[0]) for c in chunks)
+    block_shape = tuple(s * k for s, k in zip(chunk_shape, spec.block_chunks))
+    edges = tuple(_block_edges(c, k) for c, k in zip(chunks, spec.block_chunks))
+    grid = tuple(len(e) - 1 for e in edges)
+
+    coords = CoordArrays(
+        lat=ds["lat"].values.astype(np.float64),
+        lon=ds["lon"].values.astype(np.float64),
+        season=season_of(ds["time"]),
+    )
+    if spec.split == "region":
+        source = _selection(ds, spec.source_box, spec.time_range)
+        tgt = _selection(ds, spec.target_box, spec.time_range)
+        selections = dict.fromkeys(PARTS, source) | dict.fromkeys(TARGET_PARTS, tgt)
+    else:
+        sel = _selection(ds, spec.region, spec.time_range)
+        selections = dict.fromkeys(PARTS, sel)
+
+    def slices(block):
+        return _block_slices(edges, block)
+
+    all_blocks = [tuple(int(i) for i in b) for b in np.ndindex(*grid)]
+    groups = {"source": selections["train"]}
+    if spec.split == "region":
+        groups["target"] = selections["target_train"]
+    candidates: dict[str, list[tuple[int, int, int]]] = {g: [] for g in groups}
+    in_both = 0
+    for block in all_blocks:
+        hits = [g for g, s in groups.items() if s.any_in(*slices(block))]
+        if len(hits) == 1:
+            candidates[hits[0]].append(block)
+        elif len(hits) == 2:
+            in_both += 1  # would leak between source and target: used by neither
+
+    arrays = [ds[v].data for v in spec.inputs]
+    tgt_data = target.data
+    tasks = []
+    keys = []
+    for group, blocks in candidates.items():
+        for block in blocks:
+            ts, ys, xs = slices(block)
+            tasks.append(
+                dask.delayed(_block_moments)(
+                    [a[ts, ys, xs] for a in arrays],
+                    tgt_data[ts, ys, xs],
+                    coords,
+                    groups[group],
+                    spec.coord_features,
+                    (ts.start, ys.start, xs.start),
+                )
+            )
+            keys.append((group, block))
+    moments = _compute(tasks, scheduler)
+    by_block = dict(zip(keys, moments))
+
+    assigned: dict[str, list] = {}
+    empty = 0
+    for group in candidates:
+        nonempty = [b for (g, b), m in by_block.items() if g == group and m.n > 0]
+        empty += sum(1 for (g, _), m in by_block.items() if g == group and m.n == 0)
+        if not nonempty:
+            where = spec.target_box if group == "target" else (spec.source_box or spec.region)
+            raise TaskError(
+                f"no valid samples of {spec.target!r} (with finite {', '.join(spec.inputs)}) "
+                f"in region {where or 'all'}, time {spec.time_range or 'all'}"
+            )
+        names = TARGET_PARTS if group == "target" else PARTS
+        assigned |= assign_blocks(nonempty, spec.fractions, spec.seed, names)
+
+    blocks = {p: np.array(sorted(assigned[p]), dtype=np.int64).reshape(-1, 3) for p in spec.parts}
+    group_of = {p: ("target" if p in TARGET_PARTS else "source") for p in spec.parts}
+    samples = {
+        p: int(sum(by_block[(group_of[p], tuple(b))].n for b in blocks[p])) for p in spec.parts
+    }
+    train = Moments(0, np.zeros(len(spec.features) + 1), np.zeros(len(spec.features) + 1))
+    for b in blocks["train"]:
+        train = train + by_block[("source", tuple(b))]
+    std = train.std
+    std = np.where(std > 0, std, 1.0)  # a constant feature is left unscaled, not divided by 0
+
+    noise_floor = cube.attrs.get("cubebench_noise_floor")
+    floor_var = cube.attrs.get("cubebench_noise_floor_variable")
+    prepared = PreparedTask(
+        spec=spec,
+        cube=ds,
+        fingerprint=cube_fingerprint(ds),
+        chunk_shape=chunk_shape,
+        block_shape=block_shape,
+        block_edges=edges,
+        coords=coords,
+        selections=selections,
+        blocks=blocks,
+        samples=samples,
+        feature_mean=train.mean[:-1],
+        feature_std=std[:-1],
+        target_mean=float(train.mean[-1]),
+        target_std=float(std[-1]),
+        target_units=str(target.attrs.get("units", "")),
+        noise_floor=float(noise_floor)
+        if noise_floor is not None and floor_var == spec.target
+        else None,
+        blocks_without_samples=empty,
+        blocks_in_both_boxes=in_both,
+    )
+    return prepared
+
+
+def _compute(tasks: list, scheduler: str | None) -> list[Moments]:
+    if scheduler is None:
+        return list(dask.compute(*tasks))
+    from distributed import Client, LocalCluster
+
+    if scheduler == "local":
+        with (
+            LocalCluster(processes=True, threads_per_worker=1) as cluster,
+            Client(cluster) as client,
+        ):
+            return list(client.compute(tasks, sync=True))
+    with Client(scheduler) as client:
+        return list(client.compute(tasks, sync=True))
