@@ -1,0 +1,171 @@
+"""`cubebench` command line. User mistakes end with one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from cubebench.errors import CubebenchError
+
+EXIT_USER_ERROR = 2
+
+
+def _storage_options(pairs: list[str]) -> dict | None:
+    """`KEY=VALUE` pairs for fsspec; true/false/ints become Python values."""
+    if not pairs:
+        return None
+    options: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CubebenchError(f"--storage-option takes KEY=VALUE, got {pair!r}")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            options[key] = lowered == "true"
+        elif value.isdigit():
+            options[key] = int(value)
+        else:
+            options[key] = value
+    return options
+
+
+def _add_cube_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cube",
+        default="synthetic:small",
+        help="synthetic:<preset>[?layout=..&seed=..&format=..&profile=..], a Zarr/NetCDF path "
+        "or a remote URL (s3://, https://) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec option for remote cubes, e.g. anon=true or endpoint_url=http://127.0.0.1:9000",
+    )
+
+
+def _cmd_make_cube(args: argparse.Namespace) -> int:
+    from cubebench.cube import make_cube
+    from cubebench.cube.synthetic import PRESETS, layout_chunks
+
+    layout = args.chunks or args.layout
+    layout_chunks(layout, PRESETS[args.preset].shape)  # a bad layout fails before any work
+    start = time.perf_counter()
+    path = make_cube(
+        preset=args.preset,
+        seed=args.seed,
+        layout=layout,
+        zarr_format=args.format,
+        profile=args.profile,
+        output=args.output,
+        overwrite=args.force,
+    )
+    elapsed = time.perf_counter() - start
+    stored = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    info = {"path": str(path), "seconds": round(elapsed, 3), "stored_mb": round(stored / 1e6, 3)}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"cube written to {path} ({info['stored_mb']} MB on disk, {elapsed:.1f} s)")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from cubebench.cube import open_cube
+    from cubebench.task import Box, get_task, prepare_task
+
+    fractions = None
+    if args.fractions:
+        try:
+            fractions = tuple(float(v) for v in args.fractions.split(","))
+        except ValueError:
+            raise CubebenchError(
+                f"--fractions takes 'train,val,test', got {args.fractions!r}"
+            ) from None
+    time_range = None
+    if args.time:
+        start, sep, end = args.time.partition(",")
+        if not sep:
+            raise CubebenchError(f"--time takes 'START,END', got {args.time!r}")
+        time_range = (start, end)
+    spec = get_task(
+        args.task,
+        seed=args.seed,
+        region=Box.parse(args.region) if args.region else None,
+        time_range=time_range,
+        fractions=fractions,
+    )
+    started = time.perf_counter()
+    cube = open_cube(args.cube, storage_options=_storage_options(args.storage_option))
+    prepared = prepare_task(spec, cube, scheduler=args.dask_scheduler)
+    summary = prepared.summary() | {"prepare_seconds": round(time.perf_counter() - started, 3)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = " x ".join(map(str, value)) if key.endswith("shape") else ", ".join(value)
+        print(f"{key:<{width}}  {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cubebench",
+        description="Benchmarks for machine learning on Earth System Data Cubes.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-cube", help="write a synthetic ESDC-like cube")
+    from cubebench.cube.schema import PROFILES  # light: no framework, no zarr
+    from cubebench.cube.synthetic import LAYOUTS, PRESETS
+
+    p.add_argument("--preset", choices=list(PRESETS), default="small")
+    p.add_argument("--layout", choices=list(LAYOUTS), default="balanced")
+    p.add_argument("--chunks", metavar="T,Y,X", help="explicit chunk shape (overrides --layout)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", type=int, choices=(2, 3), default=3, help="Zarr format")
+    p.add_argument("--profile", choices=list(PROFILES), default="esdc-2.1.1")
+    p.add_argument("--output", type=Path, help="where to write (default: the cube cache)")
+    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=_cmd_make_cube)
+
+    p = sub.add_parser("prepare", help="prepare a task on a cube and print its summary")
+    _add_cube_args(p)
+    p.add_argument("--task", default="lst-from-t2m")
+    p.add_argument("--seed", type=int, default=None, help="split seed (default: the task's)")
+    p.add_argument("--region", metavar="LAT0,LAT1[,LON0,LON1]", help="restrict to a box")
+    p.add_argument("--time", metavar="START,END", help="restrict to a date range")
+    p.add_argument("--fractions", metavar="TRAIN,VAL,TEST", help="split fractions")
+    p.add_argument(
+        "--dask-scheduler",
+        metavar="ADDRESS|local",
+        help="compute statistics on a dask.distributed cluster",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=_cmd_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CubebenchError as exc:
+        print(f"cubebench: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("cubebench: interrupted", file=sys.stderr)
+        return 130
