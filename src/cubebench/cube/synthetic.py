@@ -228,13 +228,13 @@ class Generator:
         fields = {
             "relief": SmoothField.draw(rng, 2500.0, math.inf, 4.0),
             "weather": SmoothField.draw(rng, 1500.0, 4.0, 3.0),
-            "cloud": SmoothField.draw(rng, 800.0, 2.0, 1.0),
+            "cloud": SmoothField.draw(rng, 800.0, 8.0, 1.0),
             "moisture": SmoothField.draw(rng, 2000.0, 10.0, 1.0),
         }
         object.__setattr__(self, "fields", fields)
         time, lat, lon = make_grid(self.preset)
         object.__setattr__(self, "grid", (time, lat, lon))
-        angle = season_angle(time.dayofyear.values, np.where(time.is_leap_year, 366, 365))
+        angle = season_angle(time.day_of_year.values, np.where(time.is_leap_year, 366, 365))
         object.__setattr__(self, "angle", angle)
 
     @property
