@@ -38,6 +38,7 @@ START_YEAR = 2001
 EARTH_RADIUS_KM = 6371.0
 NOISE_FLOOR_K = 1.5  # std of the LST noise: the best achievable RMSE
 LAYOUTS = ("map", "ts", "balanced")
+SLAB_ELEMENTS = 1 << 17  # pixels computed at once inside a chunk: bounds float64 temporaries
 # Boxes (lat_min, lat_max, lon_min, lon_max) in which one LST regime dominates.
 REGIONS = {"north": (20.0, 70.0, -180.0, 180.0), "south": (-60.0, -10.0, -180.0, 180.0)}
 
@@ -248,6 +249,28 @@ class Generator:
         return self.values(slice(t0, t1), slice(y0, y1), slice(x0, x1), land)
 
     def values(self, ts: slice, ys: slice, xs: slice, land: np.ndarray) -> np.ndarray:
+        """All variables on a window of the grid, as float32 (nvars, t, y, x).
+
+        Computed in slabs of at most SLAB_ELEMENTS pixels, so the float64 temporaries stay
+        small whatever the chunk shape: memory is the float32 chunk plus a constant.
+        """
+        nt, ny, nx = (s.stop - s.start for s in (ts, ys, xs))
+        out = np.empty((len(self.variables), nt, ny, nx), np.float32)
+        rows = max(1, min(ny, SLAB_ELEMENTS // nx))
+        steps = max(1, SLAB_ELEMENTS // (rows * nx))
+        for y0 in range(0, ny, rows):
+            y1 = min(ny, y0 + rows)
+            for t0 in range(0, nt, steps):
+                t1 = min(nt, t0 + steps)
+                out[:, t0:t1, y0:y1] = self._slab(
+                    slice(ts.start + t0, ts.start + t1),
+                    slice(ys.start + y0, ys.start + y1),
+                    xs,
+                    land,
+                )
+        return out
+
+    def _slab(self, ts: slice, ys: slice, xs: slice, land: np.ndarray) -> np.ndarray:
         _time, lat_all, lon_all = self.grid
         shape = self.preset.shape
         t = np.arange(shape[0])[ts]
