@@ -120,12 +120,19 @@ def _print_summary(summary: dict) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error format of the rest of the CLI."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"cubebench: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cubebench",
         description="Benchmarks for machine learning on Earth System Data Cubes.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("make-cube", help="write a synthetic ESDC-like cube")
     from cubebench.cube.schema import PROFILES  # light: no framework, no zarr

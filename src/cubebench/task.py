@@ -98,7 +98,8 @@ class TaskSpec:
                 f"unknown coordinate feature(s) {sorted(unknown)}; known: {list(COORD_FEATURES)}"
             )
         f = self.fractions
-        if len(f) != 3 or min(f) < 0 or f[0] <= 0 or abs(sum(f) - 1.0) > 1e-6:
+        finite = len(f) == 3 and all(np.isfinite(v) for v in f)
+        if not finite or min(f) < 0 or f[0] <= 0 or abs(sum(f) - 1.0) > 1e-6:
             raise TaskError(f"split fractions must be 3 non-negative numbers summing to 1, got {f}")
         if min(self.block_chunks) < 1:
             raise TaskError(f"block_chunks must be positive, got {self.block_chunks}")
@@ -375,15 +376,15 @@ def _selection(ds: xr.Dataset, box: Box | None, time_range: tuple[str, str] | No
     if time_range is None:
         tmask = np.ones(time.size, bool)
     else:
-        start, end = time_range
         try:
-            index = time.to_index()
-            tmask = np.asarray((index >= pd.Timestamp(start)) & (index <= pd.Timestamp(end)))
-        except TypeError:  # cftime calendars compare with their own dates
-            index = time.to_index()
+            start, end = (pd.Timestamp(v) for v in time_range)
+        except ValueError as exc:
+            raise TaskError(f"bad time range {time_range}: {exc}") from None
+        index = time.to_index()
+        if not isinstance(index, pd.DatetimeIndex):  # cftime calendars compare with their dates
             cls = type(index[0])
-            lo, hi = (cls(*pd.Timestamp(v).timetuple()[:3]) for v in (start, end))
-            tmask = np.asarray((index >= lo) & (index <= hi))
+            start, end = (cls(v.year, v.month, v.day) for v in (start, end))
+        tmask = np.asarray((index >= start) & (index <= end))
     return Selection(
         tmask,
         box.lat_mask(lat) if box else np.ones(lat.size, bool),

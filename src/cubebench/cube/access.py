@@ -135,14 +135,21 @@ def open_cube(spec: str | Path, storage_options: dict | None = None) -> xr.Datas
         s = SyntheticSpec.parse(spec)
         path = make_cube(s.preset, s.seed, s.layout, s.zarr_format, s.profile)
         ds = _open_zarr(str(path), None)
+        ds.attrs["cubebench_store"] = str(path)
     elif _is_remote(spec):
         opener = _open_netcdf if spec.lower().endswith(NETCDF_SUFFIXES) else _open_zarr
         try:
             ds = opener(spec, storage_options)
-        except (FileNotFoundError, KeyError) as exc:
-            raise CubeError(f"cannot open remote cube {spec}: {exc}") from None
+        except Exception as exc:  # any failure here is about the remote store or its options
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            raise CubeError(
+                f"cannot open remote cube {spec}: {type(exc).__name__}: {reason}"
+            ) from None
     else:
-        ds = _open_local(Path(spec).expanduser(), storage_options)
+        path = Path(spec).expanduser()
+        ds = _open_local(path, storage_options)
+        ds.attrs["cubebench_store"] = str(path.resolve())
+    ds.attrs.setdefault("cubebench_store", str(spec))
     ds = canonicalize(ds)
     if not any(set(DIMS) <= set(v.dims) for v in ds.data_vars.values()):
         found = ", ".join(f"{n}{tuple(map(str, v.dims))}" for n, v in ds.data_vars.items())

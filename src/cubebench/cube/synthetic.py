@@ -440,8 +440,11 @@ def write_cube(ds: xr.Dataset, path: Path, zarr_format: int = 3) -> Path:
     if zarr_format not in (2, 3):
         raise CubeError(f"zarr format must be 2 or 3, got {zarr_format}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise CubeError(f"cannot write under {path.parent}: {exc.strerror or exc}") from None
     try:
         first = next(iter(ds.data_vars.values()))
         chunks = tuple(c[0] for c in first.chunks)
@@ -454,9 +457,13 @@ def write_cube(ds: xr.Dataset, path: Path, zarr_format: int = 3) -> Path:
             encoding=encoding,
             consolidated=zarr_format == 2,
         )
-        if path.exists():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
         os.replace(tmp, path)
+    except OSError as exc:
+        raise CubeError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -1,0 +1,228 @@
+"""Remote cubes read through a real S3 API: a moto server process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from cubebench.cube import cube_fingerprint, make_cube, open_cube
+from cubebench.errors import CubeError
+from cubebench.task import get_task, prepare_task
+
+BUCKET = "bucket"
+KEY = SECRET = "testing"
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": KEY,
+    "AWS_SECRET_ACCESS_KEY": SECRET,
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                response.read()
+            return
+        except urllib.error.HTTPError:
+            return  # an HTTP answer, even an error, means the server is up
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"moto server at {url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A moto S3 server process; yields its endpoint URL."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in CREDENTIALS.items():
+            mp.setenv(name, value)
+        no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
+        mp.setenv("NO_PROXY", no_proxy)
+        mp.setenv("no_proxy", no_proxy)
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            try:
+                _wait_until_up(url, proc)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\n{log.read_text()}") from None
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server, cube_cache, tmp_path_factory):
+    """A bucket holding the tiny synthetic cube as Zarr (tiny.zarr) and as NetCDF (tiny.nc)."""
+    import s3fs
+
+    options = {"endpoint_url": s3_server, "key": KEY, "secret": SECRET}
+    fs = s3fs.S3FileSystem(
+        key=KEY, secret=SECRET, client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True
+    )
+    fs.mkdir(BUCKET)
+    local = make_cube("tiny")
+    fs.put(str(local), f"{BUCKET}/tiny.zarr", recursive=True)
+    assert fs.exists(f"{BUCKET}/tiny.zarr/zarr.json")
+    assert fs.exists(f"{BUCKET}/tiny.zarr/land_surface_temperature/zarr.json")
+
+    nc = tmp_path_factory.mktemp("netcdf") / "tiny.nc"
+    with xr.open_zarr(local, consolidated=False) as ds:
+        ds.drop_encoding().to_netcdf(nc, engine="h5netcdf")
+    fs.put(str(nc), f"{BUCKET}/tiny.nc")
+    return {"options": options, "fs": fs}
+
+
+def assert_same_values(remote: xr.Dataset, local: xr.Dataset) -> None:
+    assert sorted(remote.data_vars) == sorted(local.data_vars)
+    assert dict(remote.sizes) == dict(local.sizes)
+    for name in [*local.coords, *local.data_vars]:
+        assert remote[name].dtype == local[name].dtype, name
+        # NaNs (ocean, clouds) must sit at the same places
+        np.testing.assert_array_equal(remote[name].values, local[name].values, err_msg=name)
+    assert np.isnan(local["land_surface_temperature"].values).any()  # the NaN check did work
+
+
+@pytest.fixture(scope="module")
+def remote_zarr(s3):
+    """The cube opened from S3, its chunks read once (moto answers ~100 requests a second)."""
+    ds = open_cube(f"s3://{BUCKET}/tiny.zarr", storage_options=s3["options"])
+    assert ds.attrs["cubebench_source"] == f"s3://{BUCKET}/tiny.zarr"
+    return ds.persist()
+
+
+def test_zarr_over_s3_equals_local(remote_zarr, tiny):
+    assert_same_values(remote_zarr, tiny)
+    assert {n: v.chunks for n, v in remote_zarr.data_vars.items()} == {
+        n: v.chunks for n, v in tiny.data_vars.items()
+    }
+    assert cube_fingerprint(remote_zarr) == cube_fingerprint(tiny)
+
+
+def test_prepare_over_s3_equals_local(remote_zarr, tiny_task):
+    task = prepare_task(get_task("lst-from-t2m"), remote_zarr)
+    got, want = task.summary(), tiny_task.summary()
+    assert got["samples"] == want["samples"]
+    assert sum(got["samples"].values()) > 0
+    assert got["blocks"] == want["blocks"]
+    for part in want["blocks"]:
+        np.testing.assert_array_equal(task.blocks[part], tiny_task.blocks[part])
+    np.testing.assert_allclose(task.feature_mean, tiny_task.feature_mean, rtol=1e-12)
+    np.testing.assert_allclose(task.feature_std, tiny_task.feature_std, rtol=1e-12)
+    assert task.target_mean == pytest.approx(tiny_task.target_mean, rel=1e-12)
+    assert task.target_std == pytest.approx(tiny_task.target_std, rel=1e-12)
+    assert task.fingerprint == tiny_task.fingerprint
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cubebench", *args],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        timeout=120,
+    )
+
+
+def _storage_args(s3) -> list[str]:
+    args = []
+    for key, value in s3["options"].items():
+        args += ["--storage-option", f"{key}={value}"]
+    return args
+
+
+def test_cli_prepare_over_s3(s3, tiny_task):
+    proc = _cli("prepare", "--cube", f"s3://{BUCKET}/tiny.zarr", *_storage_args(s3), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["fingerprint"] == tiny_task.fingerprint
+    assert summary["samples"] == tiny_task.summary()["samples"]
+    assert summary["cube"] == f"s3://{BUCKET}/tiny.zarr"
+
+
+def test_cli_missing_remote_cube(s3):
+    proc = _cli("prepare", "--cube", f"s3://{BUCKET}/nope.zarr", *_storage_args(s3))
+    where = f"\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stdout + proc.stderr, where
+    assert proc.returncode == 2, where
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, where
+    assert lines[0].startswith("cubebench: error: "), where
+    assert f"s3://{BUCKET}/nope.zarr" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [f"s3://{BUCKET}/nope.zarr", f"s3://{BUCKET}/nope.nc", "s3://no-such-bucket/tiny.zarr"],
+)
+def test_open_missing_remote_cube(s3, url):
+    with pytest.raises(CubeError, match="cannot open remote cube"):
+        open_cube(url, storage_options=s3["options"])
+
+
+def test_open_remote_garbage_netcdf(s3):
+    s3["fs"].pipe(f"{BUCKET}/garbage.nc", b"not HDF5 at all\n" * 64)
+    with pytest.raises(CubeError, match=re.escape(f"s3://{BUCKET}/garbage.nc")):
+        open_cube(f"s3://{BUCKET}/garbage.nc", storage_options=s3["options"])
+
+
+def test_open_remote_unknown_storage_option(s3):
+    """`--storage-option bogus=1` is the user's mistake, not a crash."""
+    with pytest.raises(CubeError):
+        open_cube(f"s3://{BUCKET}/tiny.zarr", storage_options=s3["options"] | {"bogus": 1})
+
+
+def test_open_remote_unreachable_endpoint(s3):
+    closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    options = s3["options"] | {
+        "endpoint_url": closed,
+        "config_kwargs": {"retries": {"max_attempts": 1}},  # fail fast
+    }
+    with pytest.raises(CubeError, match=re.escape(f"s3://{BUCKET}/tiny.zarr")):
+        open_cube(f"s3://{BUCKET}/tiny.zarr", storage_options=options)
+
+
+def test_netcdf_over_s3_equals_local(s3, tiny):
+    remote = open_cube(f"s3://{BUCKET}/tiny.nc", storage_options=s3["options"])
+    assert_same_values(remote, tiny)
+    # contiguous NetCDF variables are chunked so that blocks can be formed
+    assert all(len(c) > 1 for c in remote["land_surface_temperature"].chunks)
+    task = prepare_task(get_task("lst-from-t2m"), remote)
+    valid = np.isfinite(tiny["land_surface_temperature"].values) & np.isfinite(
+        tiny["air_temperature_2m"].values
+    )
+    assert sum(task.samples.values()) == int(valid.sum()) > 0
