@@ -14,7 +14,7 @@ PYTHON = "3.11"
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The test suite, against real servers (S3 emulator, dask cluster) on loopback."""
-    session.install("-e", ".[dev]")
+    session.install("-e", ".[dev,torch,tf]")
     session.run("pytest", *session.posargs)
 
 

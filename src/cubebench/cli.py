@@ -110,13 +110,40 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_loader(args: argparse.Namespace) -> int:
+    from cubebench.cube import open_cube
+    from cubebench.loading.bench import bench_loader
+    from cubebench.task import get_task, prepare_task
+
+    cube = open_cube(args.cube, storage_options=_storage_options(args.storage_option))
+    task = prepare_task(get_task(args.task), cube)
+    row = bench_loader(
+        task,
+        part=args.part,
+        batch_size=args.batch_size,
+        adapter=args.adapter,
+        epochs=args.epochs,
+        threads=args.threads,
+        buffer_chunks=args.buffer_chunks,
+        workers=args.workers,
+        reader=args.reader,
+    )
+    if args.json:
+        print(json.dumps(row))
+    else:
+        _print_summary(row)
+    return 0
+
+
 def _print_summary(summary: dict) -> None:
     width = max(len(k) for k in summary)
     for key, value in summary.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         elif isinstance(value, list):
-            value = " x ".join(map(str, value)) if key.endswith("shape") else ", ".join(value)
+            value = (
+                " x ".join(map(str, value)) if key.endswith("shape") else ", ".join(map(str, value))
+            )
         print(f"{key:<{width}}  {value}")
 
 
@@ -163,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("bench-loader", help="loader throughput vs raw decode, and its costs")
+    _add_cube_args(p)
+    p.add_argument("--task", default="lst-from-t2m")
+    p.add_argument("--part", default="train")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--adapter", choices=("numpy", "torch", "tf"), default="numpy")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2, help="decode threads")
+    p.add_argument("--buffer-chunks", type=int, default=8, help="shuffle buffer, in chunks")
+    p.add_argument("--workers", type=int, default=0, help="torch DataLoader workers")
+    p.add_argument("--reader", help="chunk reader (default: the fastest available)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=_cmd_bench_loader)
     return parser
 
 

@@ -1,0 +1,122 @@
+"""`cubebench bench-loader`: the loader against the decode limit, measured in one run.
+
+The limit is decode-and-mask of every chunk of the part with the same number of threads, by
+each installed reader; the fastest one is the reference (`raw_reader`).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from cubebench.loading.readers import available_readers, open_reader
+from cubebench.loading.stream import ChunkStream
+from cubebench.task import PreparedTask
+
+
+def raw_decode(task: PreparedTask, part: str, reader_name: str, threads: int) -> dict:
+    """Pairs per second of the bare minimum: read every chunk, mask NaNs, extract the pairs."""
+    stream = ChunkStream(task, part, threads=threads, reader=reader_name)
+    reader = open_reader(task.cube, reader_name)
+    names = stream.variables
+
+    def one(chunk) -> int:
+        window = stream.window(chunk)
+        arrays = [reader.read(v, window) for v in names]
+        valid = np.isfinite(arrays[0])
+        for a in arrays[1:]:
+            valid &= np.isfinite(a)
+        return sum(len(a[valid]) for a in arrays[-1:])
+
+    reader.read(names[0], stream.window(stream.chunks[0]))  # open handles outside the timer
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        pairs = sum(pool.map(one, stream.chunks))
+    seconds = time.perf_counter() - start
+    return {"reader": reader_name, "pairs": pairs, "pairs_per_s": pairs / seconds}
+
+
+def _iterate(adapter: str, stream: ChunkStream, epoch: int, workers: int):
+    if adapter == "numpy":
+        return stream.batches(epoch)
+    if adapter == "torch":
+        from cubebench.loading.torch import loader
+
+        return iter(loader(stream, num_workers=workers, epoch=epoch))
+    if adapter == "tf":
+        from cubebench.loading.tf import dataset
+
+        return iter(dataset(stream, epoch))
+    raise ValueError(f"unknown adapter {adapter!r}")
+
+
+def bench_loader(
+    task: PreparedTask,
+    part: str = "train",
+    batch_size: int = 4096,
+    adapter: str = "numpy",
+    epochs: int = 1,
+    threads: int = 2,
+    buffer_chunks: int = 8,
+    workers: int = 0,
+    reader: str | None = None,
+) -> dict:
+    """One JSON-able row: loader throughput, the raw limit in the same run, and the costs."""
+    readers = [r for r in available_readers(task.cube) if r != "xarray"] or ["xarray"]
+    raw = [raw_decode(task, part, name, threads) for name in readers]
+    best = max(raw, key=lambda r: r["pairs_per_s"])
+    stream = ChunkStream(
+        task,
+        part,
+        batch_size,
+        threads=threads,
+        buffer_chunks=buffer_chunks,
+        reader=reader,
+    )
+    pairs = 0
+    stall = 0.0
+    first = None
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        batches = _iterate(adapter, stream, epoch, workers)
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            stall += time.perf_counter() - asked
+            if batch is None:
+                break
+            if first is None:
+                first = time.perf_counter() - start
+            pairs += len(batch[1])
+    seconds = time.perf_counter() - start
+    stats = stream.stats
+    return {
+        "cube": task.cube.attrs.get("cubebench_source", "?"),
+        "chunk_shape": list(task.chunk_shape),
+        "part": part,
+        "adapter": adapter,
+        "reader": stream.reader.name,
+        "batch_size": batch_size,
+        "threads": threads,
+        "buffer_chunks": buffer_chunks,
+        "epochs": epochs,
+        "pairs": pairs,
+        "expected_pairs": task.samples[part] * epochs,
+        "seconds": round(seconds, 4),
+        "pairs_per_s": pairs / seconds,
+        "raw_decode_pairs_per_s": best["pairs_per_s"],
+        "raw_reader": best["reader"],
+        "raw_by_reader": {r["reader"]: round(r["pairs_per_s"]) for r in raw},
+        "ratio_to_raw": (pairs / seconds) / best["pairs_per_s"],
+        "read_amplification": stats.read_amplification if workers == 0 else None,
+        "chunks_decoded": stats.chunks_decoded if workers == 0 else None,
+        "bytes_read": stats.bytes_read if workers == 0 else None,
+        "bytes_decoded": stats.bytes_decoded if workers == 0 else None,
+        # the process's lifetime peak (KiB on Linux): preparation, raw decode and the epochs
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "time_to_first_batch_s": first,
+        "stall_fraction": stall / seconds,
+    }
