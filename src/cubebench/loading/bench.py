@@ -29,7 +29,8 @@ def raw_decode(task: PreparedTask, part: str, reader_name: str, threads: int) ->
         valid = np.isfinite(arrays[0])
         for a in arrays[1:]:
             valid &= np.isfinite(a)
-        return sum(len(a[valid]) for a in arrays[-1:])
+        pairs = [a[valid] for a in arrays]  # the masked pairs, as a loader must extract them
+        return len(pairs[-1])
 
     reader.read(names[0], stream.window(stream.chunks[0]))  # open handles outside the timer
     start = time.perf_counter()
@@ -39,17 +40,18 @@ def raw_decode(task: PreparedTask, part: str, reader_name: str, threads: int) ->
     return {"reader": reader_name, "pairs": pairs, "pairs_per_s": pairs / seconds}
 
 
-def _iterate(adapter: str, stream: ChunkStream, epoch: int, workers: int):
+def _adapter(adapter: str, workers: int):
+    """epoch -> batch iterator; the framework is imported here, outside the timed loop."""
     if adapter == "numpy":
-        return stream.batches(epoch)
+        return lambda stream, epoch: stream.batches(epoch)
     if adapter == "torch":
         from cubebench.loading.torch import loader
 
-        return iter(loader(stream, num_workers=workers, epoch=epoch))
+        return lambda stream, epoch: iter(loader(stream, num_workers=workers, epoch=epoch))
     if adapter == "tf":
         from cubebench.loading.tf import dataset
 
-        return iter(dataset(stream, epoch))
+        return lambda stream, epoch: iter(dataset(stream, epoch))
     raise ValueError(f"unknown adapter {adapter!r}")
 
 
@@ -76,12 +78,13 @@ def bench_loader(
         buffer_chunks=buffer_chunks,
         reader=reader,
     )
+    iterate = _adapter(adapter, workers)
     pairs = 0
     stall = 0.0
     first = None
     start = time.perf_counter()
     for epoch in range(epochs):
-        batches = _iterate(adapter, stream, epoch, workers)
+        batches = iterate(stream, epoch)
         while True:
             asked = time.perf_counter()
             batch = next(batches, None)

@@ -64,11 +64,18 @@ class LoadStats:
 
 @dataclass(frozen=True)
 class Decoded:
-    x: np.ndarray
-    y: np.ndarray
+    xy: np.ndarray  # (n, F + 1) float32 records: features, then the target
     bytes_read: int
     bytes_decoded: int
     seconds: float
+
+    @property
+    def x(self) -> np.ndarray:
+        return self.xy[:, :-1]
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.xy[:, -1]
 
 
 class ChunkStream:
@@ -168,16 +175,21 @@ class ChunkStream:
 
     def _prepare_constants(self) -> None:
         task = self.task
-        self.mean = task.feature_mean.astype(np.float32)
-        self.inv_std = (1.0 / task.feature_std).astype(np.float32)
-        self.y_mean = np.float32(task.target_mean)
-        self.y_inv_std = np.float32(1.0 / task.target_std)
+        # inputs then target: the order of `self.variables`
+        n_inputs = len(task.spec.inputs)
+        self.mean = np.append(task.feature_mean[:n_inputs], task.target_mean).astype(np.float32)
+        std = np.append(task.feature_std[:n_inputs], task.target_std)
+        self.inv_std = (1.0 / std).astype(np.float32)
         c = task.coords
+        raw = {"lat": c.lat, "lon": c.lon, "sin_doy": np.sin(c.season), "cos_doy": np.cos(c.season)}
+        axes = {"lat": "lat", "lon": "lon", "sin_doy": "time", "cos_doy": "time"}
+        # per-axis tables of the coordinate features, normalised once
         self.coord_values = {
-            "lat": ("lat", c.lat.astype(np.float32)),
-            "lon": ("lon", c.lon.astype(np.float32)),
-            "sin_doy": ("time", np.sin(c.season).astype(np.float32)),
-            "cos_doy": ("time", np.cos(c.season).astype(np.float32)),
+            name: (
+                axes[name],
+                ((raw[name] - task.feature_mean[j]) / task.feature_std[j]).astype(np.float32),
+            )
+            for j, name in enumerate(task.spec.coord_features, start=n_inputs)
         }
 
     def decode(self, chunk: ChunkIndex, epoch: int | None = None) -> Decoded:
@@ -198,37 +210,29 @@ class ChunkStream:
         st, sy, sx = sel.time[ts], sel.lat[ys], sel.lon[xs]
         if not (st.all() and sy.all() and sx.all()):
             valid &= st[:, None, None] & sy[None, :, None] & sx[None, None, :]
-        flat = np.flatnonzero(valid)
+        flat = np.flatnonzero(valid)  # sorted: the gathers below read memory in order
         _, ny, nx = valid.shape
-        x = np.empty((len(self.task.spec.features), len(flat)), np.float32)
-        for j, a in enumerate(arrays[:-1]):
-            np.take(a.reshape(-1), flat, out=x[j])
-        positions = {}
-        for j, name in enumerate(self.task.spec.coord_features, start=len(arrays) - 1):
-            axis, values = self.coord_values[name]
-            if axis not in positions:
-                offset = {"time": ts.start, "lat": ys.start, "lon": xs.start}[axis]
-                local = {
-                    "time": lambda: flat // (ny * nx),
-                    "lat": lambda: (flat // nx) % ny,
-                    "lon": lambda: flat % nx,
-                }[axis]()
-                positions[axis] = local + offset
-            np.take(values, positions[axis], out=x[j])
-        x -= self.mean[:, None]
-        x *= self.inv_std[:, None]
-        y = np.take(arrays[-1].reshape(-1), flat)
-        y -= self.y_mean
-        y *= self.y_inv_std
+        n_features = len(self.task.spec.features)
+        xy = np.empty((len(flat), n_features + 1), np.float32)
+        for j, a in enumerate(arrays):
+            column = np.take(a.reshape(-1), flat)
+            column -= self.mean[j]
+            column *= self.inv_std[j]
+            xy[:, n_features if j == len(arrays) - 1 else j] = column
+        if self.task.spec.coord_features:
+            t_local, in_plane = np.divmod(flat, ny * nx)
+            local = {"time": t_local, "lat": in_plane // nx, "lon": in_plane % nx}
+            origin = {"time": ts.start, "lat": ys.start, "lon": xs.start}
+            for j, name in enumerate(self.task.spec.coord_features, start=len(arrays) - 1):
+                axis, table = self.coord_values[name]  # already normalised
+                xy[:, j] = np.take(table[origin[axis] :], local[axis])
         if epoch is not None and self.shuffle:
-            order = np.random.default_rng([self.seed, epoch, *chunk]).permutation(len(y))
-            x, y = np.take(x.T, order, axis=0), np.take(y, order)
-        else:
-            x = np.ascontiguousarray(x.T)
+            # one gather of whole records, in cache: far cheaper than permuting every column
+            order = np.random.default_rng([self.seed, epoch, *chunk]).permutation(len(flat))
+            xy = np.take(xy, order, axis=0)
         stored = [self.reader.stored_nbytes(v, chunk) for v in self.variables]
         return Decoded(
-            x,
-            y,
+            xy,
             sum(s or 0 for s in stored),
             sum(a.nbytes for a in arrays),
             time.perf_counter() - start,
@@ -254,7 +258,8 @@ class ChunkStream:
         rng = np.random.default_rng([self.seed, epoch, 2])
         todo = iter(self.epoch_chunks(epoch))
         lookahead = self.buffer_chunks + self.threads
-        active: list[list] = []  # [x, y, position] of the chunks in the buffer
+        active: list[list] = []  # [records, position] of the chunks in the buffer
+        n_features = len(self.task.spec.features)
         with ThreadPoolExecutor(self.threads, thread_name_prefix="cubebench-decode") as pool:
             pending: deque[Future[Decoded]] = deque()
 
@@ -272,28 +277,33 @@ class ChunkStream:
                 stats.bytes_read += decoded.bytes_read
                 stats.bytes_decoded += decoded.bytes_decoded
                 stats.decode_seconds += decoded.seconds
-                if len(decoded.y):
-                    active.append([decoded.x, decoded.y, 0])
+                if len(decoded.xy):
+                    active.append([decoded.xy, 0])
 
             top_up()
             while True:
                 while pending and (
                     len(active) < self.buffer_chunks
-                    or sum(len(c[1]) - c[2] for c in active) < self.batch_size
+                    or sum(len(c[0]) - c[1] for c in active) < self.batch_size
                 ):
                     take_decoded()
-                left = np.array([len(c[1]) - c[2] for c in active], dtype=np.int64)
+                left = np.array([len(c[0]) - c[1] for c in active], dtype=np.int64)
                 total = int(left.sum())
                 if total == 0 or (total < self.batch_size and self.drop_last):
                     break
                 size = min(self.batch_size, total)
                 counts = self._split_batch(left, size, rng)
-                parts = [(c, k) for c, k in zip(active, counts) if k]
-                bx = np.concatenate([c[0][c[2] : c[2] + k] for c, k in parts])
-                by = np.concatenate([c[1][c[2] : c[2] + k] for c, k in parts])
-                for c, k in parts:
-                    c[2] += k
-                active = [c for c in active if c[2] < len(c[1])]
+                bx = np.empty((size, n_features), np.float32)
+                by = np.empty(size, np.float32)
+                filled = 0
+                for c, k in zip(active, counts):
+                    if k:
+                        records = c[0][c[1] : c[1] + k]
+                        bx[filled : filled + k] = records[:, :-1]
+                        by[filled : filled + k] = records[:, -1]
+                        c[1] += k
+                        filled += k
+                active = [c for c in active if c[1] < len(c[0])]
                 stats.stall_seconds += time.perf_counter() - waiting
                 if stats.time_to_first_batch_s is None:
                     stats.time_to_first_batch_s = time.perf_counter() - started
