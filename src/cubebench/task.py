@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import dask
@@ -263,7 +263,6 @@ class PreparedTask:
     noise_floor: float | None
     blocks_without_samples: int
     blocks_in_both_boxes: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def block_grid(self) -> tuple[int, int, int]:

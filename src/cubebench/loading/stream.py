@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -37,7 +37,6 @@ class LoadStats:
     time_to_first_batch_s: float | None = None
     wall_seconds: float = 0.0
     epochs: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def read_amplification(self) -> float:
@@ -49,17 +48,11 @@ class LoadStats:
     def stall_fraction(self) -> float:
         return self.stall_seconds / self.wall_seconds if self.wall_seconds else float("nan")
 
-    def merge(self, other: LoadStats) -> None:
-        for name in ("chunks_decoded", "bytes_read", "bytes_decoded", "samples", "batches"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.decode_seconds += other.decode_seconds
-
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("extra")
-        d["read_amplification"] = self.read_amplification
-        d["stall_fraction"] = self.stall_fraction
-        return d | self.extra
+        return asdict(self) | {
+            "read_amplification": self.read_amplification,
+            "stall_fraction": self.stall_fraction,
+        }
 
 
 @dataclass(frozen=True)
