@@ -48,10 +48,6 @@ def _adapter(adapter: str, workers: int):
         from cubebench.loading.torch import loader
 
         return lambda stream, epoch: iter(loader(stream, num_workers=workers, epoch=epoch))
-    if adapter == "tf":
-        from cubebench.loading.tf import dataset
-
-        return lambda stream, epoch: iter(dataset(stream, epoch))
     raise ValueError(f"unknown adapter {adapter!r}")
 
 
@@ -69,7 +65,6 @@ def bench_loader(
     """One JSON-able row: loader throughput, the raw limit in the same run, and the costs."""
     readers = [r for r in available_readers(task.cube) if r != "xarray"] or ["xarray"]
     raw = [raw_decode(task, part, name, threads) for name in readers]
-    best = max(raw, key=lambda r: r["pairs_per_s"])
     stream = ChunkStream(
         task,
         part,
@@ -78,6 +73,19 @@ def bench_loader(
         buffer_chunks=buffer_chunks,
         reader=reader,
     )
+    context = {"task": task, "part": part, "stream": stream, "raw": raw, "adapter": adapter}
+    if adapter == "tf":
+        pairs, seconds = _consume_tf(stream, epochs)
+        first = stream.stats.time_to_first_batch_s  # the stream runs in this process
+        return _report(
+            **context,
+            epochs=epochs,
+            workers=0,
+            pairs=pairs,
+            seconds=seconds,
+            stall=None,
+            first=first,
+        )
     iterate = _adapter(adapter, workers)
     pairs = 0
     stall = 0.0
@@ -95,16 +103,61 @@ def bench_loader(
                 first = time.perf_counter() - start
             pairs += len(batch[1])
     seconds = time.perf_counter() - start
+    return _report(
+        **context,
+        epochs=epochs,
+        workers=workers,
+        pairs=pairs,
+        seconds=seconds,
+        stall=stall,
+        first=first,
+    )
+
+
+def _consume_tf(stream: ChunkStream, epochs: int) -> tuple[int, float]:
+    """Consume the tf.data pipeline inside the graph (`reduce`), as Keras' fit does: iterating
+    it from Python would add ~1 ms of eager overhead per batch that training never pays.
+    Stall is not observable from inside the graph and is reported as None."""
+    import tensorflow as tf
+
+    from cubebench.loading.tf import dataset
+
+    def count(total, batch):
+        return total + tf.cast(tf.shape(batch[1])[0], tf.int64)
+
+    pairs = 0
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        pairs += int(dataset(stream, epoch).reduce(tf.constant(0, tf.int64), count))
+    return pairs, time.perf_counter() - start
+
+
+def _report(
+    *,
+    task: PreparedTask,
+    part: str,
+    stream: ChunkStream,
+    raw: list[dict],
+    adapter: str,
+    epochs: int,
+    workers: int,
+    pairs: int,
+    seconds: float,
+    stall: float | None,
+    first: float | None,
+) -> dict:
     stats = stream.stats
+    best = max(raw, key=lambda r: r["pairs_per_s"])
+    workers_used = workers > 0
     return {
         "cube": task.cube.attrs.get("cubebench_source", "?"),
         "chunk_shape": list(task.chunk_shape),
         "part": part,
         "adapter": adapter,
         "reader": stream.reader.name,
-        "batch_size": batch_size,
-        "threads": threads,
-        "buffer_chunks": buffer_chunks,
+        "batch_size": stream.batch_size,
+        "threads": stream.threads,
+        "buffer_chunks": stream.buffer_chunks,
         "epochs": epochs,
         "pairs": pairs,
         "expected_pairs": task.samples[part] * epochs,
@@ -114,12 +167,13 @@ def bench_loader(
         "raw_reader": best["reader"],
         "raw_by_reader": {r["reader"]: round(r["pairs_per_s"]) for r in raw},
         "ratio_to_raw": (pairs / seconds) / best["pairs_per_s"],
-        "read_amplification": stats.read_amplification if workers == 0 else None,
-        "chunks_decoded": stats.chunks_decoded if workers == 0 else None,
-        "bytes_read": stats.bytes_read if workers == 0 else None,
-        "bytes_decoded": stats.bytes_decoded if workers == 0 else None,
+        # with DataLoader workers the chunk-side counters live in the worker processes
+        "read_amplification": None if workers_used else stats.read_amplification,
+        "chunks_decoded": None if workers_used else stats.chunks_decoded,
+        "bytes_read": None if workers_used else stats.bytes_read,
+        "bytes_decoded": None if workers_used else stats.bytes_decoded,
         # the process's lifetime peak (KiB on Linux): preparation, raw decode and the epochs
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "time_to_first_batch_s": first,
-        "stall_fraction": stall / seconds,
+        "stall_fraction": None if stall is None else stall / seconds,
     }
