@@ -115,7 +115,8 @@ def _cmd_bench_loader(args: argparse.Namespace) -> int:
     from cubebench.loading.bench import bench_loader
     from cubebench.task import get_task, prepare_task
 
-    cube = open_cube(args.cube, storage_options=_storage_options(args.storage_option))
+    options = _storage_options(args.storage_option)
+    cube = open_cube(args.cube, storage_options=options)
     task = prepare_task(get_task(args.task), cube)
     row = bench_loader(
         task,
@@ -127,6 +128,7 @@ def _cmd_bench_loader(args: argparse.Namespace) -> int:
         buffer_chunks=args.buffer_chunks,
         workers=args.workers,
         reader=args.reader,
+        storage_options=options,
     )
     if args.json:
         print(json.dumps(row))

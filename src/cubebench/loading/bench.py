@@ -17,10 +17,16 @@ from cubebench.loading.stream import ChunkStream
 from cubebench.task import PreparedTask
 
 
-def raw_decode(task: PreparedTask, part: str, reader_name: str, threads: int) -> dict:
+def raw_decode(
+    task: PreparedTask,
+    part: str,
+    reader_name: str,
+    threads: int,
+    storage_options: dict | None = None,
+) -> dict:
     """Pairs per second of the bare minimum: read every chunk, mask NaNs, extract the pairs."""
-    stream = ChunkStream(task, part, threads=threads, reader=reader_name)
-    reader = open_reader(task.cube, reader_name)
+    reader = open_reader(task.cube, reader_name, storage_options)
+    stream = ChunkStream(task, part, threads=threads, reader=reader)
     names = stream.variables
 
     def one(chunk) -> int:
@@ -61,10 +67,11 @@ def bench_loader(
     buffer_chunks: int = 8,
     workers: int = 0,
     reader: str | None = None,
+    storage_options: dict | None = None,
 ) -> dict:
     """One JSON-able row: loader throughput, the raw limit in the same run, and the costs."""
     readers = [r for r in available_readers(task.cube) if r != "xarray"] or ["xarray"]
-    raw = [raw_decode(task, part, name, threads) for name in readers]
+    raw = [raw_decode(task, part, name, threads, storage_options) for name in readers]
     stream = ChunkStream(
         task,
         part,
@@ -72,6 +79,7 @@ def bench_loader(
         threads=threads,
         buffer_chunks=buffer_chunks,
         reader=reader,
+        storage_options=storage_options,
     )
     context = {"task": task, "part": part, "stream": stream, "raw": raw, "adapter": adapter}
     if adapter == "tf":
