@@ -145,11 +145,11 @@ def open_cube(spec: str | Path, storage_options: dict | None = None) -> xr.Datas
             raise CubeError(
                 f"cannot open remote cube {spec}: {type(exc).__name__}: {reason}"
             ) from None
+        ds.attrs["cubebench_store"] = spec
     else:
         path = Path(spec).expanduser()
         ds = _open_local(path, storage_options)
         ds.attrs["cubebench_store"] = str(path.resolve())
-    ds.attrs.setdefault("cubebench_store", str(spec))
     ds = canonicalize(ds)
     if not any(set(DIMS) <= set(v.dims) for v in ds.data_vars.values()):
         found = ", ".join(f"{n}{tuple(map(str, v.dims))}" for n, v in ds.data_vars.items())

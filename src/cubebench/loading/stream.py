@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,7 +29,7 @@ class LoadStats:
     chunks_decoded: int = 0
     bytes_read: int = 0  # compressed bytes from the store
     bytes_decoded: int = 0
-    bytes_needed: int = 0  # decoded bytes of the part's chunks, once: the minimum
+    bytes_needed: int = 0  # decoded bytes of the chunks each epoch had to read: the minimum
     samples: int = 0
     batches: int = 0
     decode_seconds: float = 0.0  # summed over threads: read + decode + mask + normalise
@@ -40,19 +40,12 @@ class LoadStats:
 
     @property
     def read_amplification(self) -> float:
-        """Decoded bytes / bytes of the chunks the part needs, per epoch: 1.0 = no chunk twice."""
-        needed = self.bytes_needed * max(self.epochs, 1)
-        return self.bytes_decoded / needed if needed else float("nan")
+        """Decoded bytes / bytes of the chunks the epochs needed: 1.0 = no chunk twice."""
+        return self.bytes_decoded / self.bytes_needed if self.bytes_needed else float("nan")
 
     @property
     def stall_fraction(self) -> float:
         return self.stall_seconds / self.wall_seconds if self.wall_seconds else float("nan")
-
-    def as_dict(self) -> dict:
-        return asdict(self) | {
-            "read_amplification": self.read_amplification,
-            "stall_fraction": self.stall_fraction,
-        }
 
 
 @dataclass(frozen=True)
@@ -116,7 +109,7 @@ class ChunkStream:
         self.chunk_edges = [np.concatenate([[0], np.cumsum(c)]) for c in target.chunks]
         self.chunks = self._part_chunks()
         self.itemsize = target.dtype.itemsize
-        self.stats = LoadStats(bytes_needed=self._bytes(self.chunks))
+        self.stats = LoadStats()
         self._prepare_constants()
 
     # --- which chunks -------------------------------------------------------------------
@@ -249,7 +242,9 @@ class ChunkStream:
         stats.epochs += 1
         started = waiting = time.perf_counter()
         rng = np.random.default_rng([self.seed, epoch, 2])
-        todo = iter(self.epoch_chunks(epoch))
+        chunks = self.epoch_chunks(epoch)
+        stats.bytes_needed += self._bytes(chunks)  # this shard's chunks, once
+        todo = iter(chunks)
         lookahead = self.buffer_chunks + self.threads
         active: list[list] = []  # [records, position] of the chunks in the buffer
         n_features = len(self.task.spec.features)
@@ -304,7 +299,7 @@ class ChunkStream:
                 stats.batches += 1
                 yield bx, by
                 waiting = time.perf_counter()
-            for future in pending:  # drop_last ended early: let running decodes finish
+            for future in pending:  # drop_last ended early: skip decodes not yet started
                 future.cancel()
         stats.stall_seconds += time.perf_counter() - waiting
         stats.wall_seconds += time.perf_counter() - started
