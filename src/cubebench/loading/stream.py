@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cubebench.loading.kernels import chunk_records, warm_up
 from cubebench.loading.readers import ChunkReader, open_reader
 from cubebench.task import PreparedTask
 
@@ -50,18 +51,11 @@ class LoadStats:
 
 @dataclass(frozen=True)
 class Decoded:
-    xy: np.ndarray  # (n, F + 1) float32 records: features, then the target
+    x: np.ndarray  # (n, F) float32 features
+    y: np.ndarray  # (n,) float32 target
     bytes_read: int
     bytes_decoded: int
     seconds: float
-
-    @property
-    def x(self) -> np.ndarray:
-        return self.xy[:, :-1]
-
-    @property
-    def y(self) -> np.ndarray:
-        return self.xy[:, -1]
 
 
 class ChunkStream:
@@ -111,6 +105,8 @@ class ChunkStream:
         self.itemsize = target.dtype.itemsize
         self.stats = LoadStats()
         self._prepare_constants()
+        dtype = np.result_type(*(task.cube[v].dtype for v in self.variables))
+        warm_up(len(self.variables), dtype, len(self.coord_axis))
 
     # --- which chunks -------------------------------------------------------------------
 
@@ -168,15 +164,14 @@ class ChunkStream:
         self.inv_std = (1.0 / std).astype(np.float32)
         c = task.coords
         raw = {"lat": c.lat, "lon": c.lon, "sin_doy": np.sin(c.season), "cos_doy": np.cos(c.season)}
-        axes = {"lat": "lat", "lon": "lon", "sin_doy": "time", "cos_doy": "time"}
+        axis_of = {"lat": 1, "lon": 2, "sin_doy": 0, "cos_doy": 0}  # time, lat, lon
+        names = task.spec.coord_features
+        self.coord_axis = np.array([axis_of[name] for name in names], np.int64)
         # per-axis tables of the coordinate features, normalised once
-        self.coord_values = {
-            name: (
-                axes[name],
-                ((raw[name] - task.feature_mean[j]) / task.feature_std[j]).astype(np.float32),
-            )
-            for j, name in enumerate(task.spec.coord_features, start=n_inputs)
-        }
+        self.coord_tables = [
+            ((raw[name] - task.feature_mean[j]) / task.feature_std[j]).astype(np.float32)
+            for j, name in enumerate(names, start=n_inputs)
+        ]
 
     def decode(self, chunk: ChunkIndex, epoch: int | None = None) -> Decoded:
         """Read, mask and normalise one chunk: float32 (X[n, F], y[n]) of its valid samples.
@@ -187,38 +182,27 @@ class ChunkStream:
         """
         start = time.perf_counter()
         window = self.window(chunk)
-        ts, ys, xs = window
         arrays = [self.reader.read(v, window) for v in self.variables]
-        valid = np.isfinite(arrays[0])
-        for a in arrays[1:]:
-            valid &= np.isfinite(a)
         sel = self.task.selections[self.part]
-        st, sy, sx = sel.time[ts], sel.lat[ys], sel.lon[xs]
-        if not (st.all() and sy.all() and sx.all()):
-            valid &= st[:, None, None] & sy[None, :, None] & sx[None, None, :]
-        flat = np.flatnonzero(valid)  # sorted: the gathers below read memory in order
-        _, ny, nx = valid.shape
-        n_features = len(self.task.spec.features)
-        xy = np.empty((len(flat), n_features + 1), np.float32)
-        for j, a in enumerate(arrays):
-            column = np.take(a.reshape(-1), flat)
-            column -= self.mean[j]
-            column *= self.inv_std[j]
-            xy[:, n_features if j == len(arrays) - 1 else j] = column
-        if self.task.spec.coord_features:
-            t_local, in_plane = np.divmod(flat, ny * nx)
-            local = {"time": t_local, "lat": in_plane // nx, "lon": in_plane % nx}
-            origin = {"time": ts.start, "lat": ys.start, "lon": xs.start}
-            for j, name in enumerate(self.task.spec.coord_features, start=len(arrays) - 1):
-                axis, table = self.coord_values[name]  # already normalised
-                xy[:, j] = np.take(table[origin[axis] :], local[axis])
+        selection = tuple(mask[w] for mask, w in zip((sel.time, sel.lat, sel.lon), window))
+        # the coordinate features along this chunk's window, one row per feature
+        coord_table = np.zeros(
+            (len(self.coord_axis), max(w.stop - w.start for w in window)), np.float32
+        )
+        for c, (axis, table) in enumerate(zip(self.coord_axis, self.coord_tables)):
+            w = window[axis]
+            coord_table[c, : w.stop - w.start] = table[w]
+        seed = None
         if epoch is not None and self.shuffle:
-            # one gather of whole records, in cache: far cheaper than permuting every column
-            order = np.random.default_rng([self.seed, epoch, *chunk]).permutation(len(flat))
-            xy = np.take(xy, order, axis=0)
+            sequence = np.random.SeedSequence([self.seed, epoch, *chunk])
+            seed = int(sequence.generate_state(1, np.uint64)[0])
+        x, y = chunk_records(
+            arrays, selection, self.mean, self.inv_std, self.coord_axis, coord_table, seed
+        )
         stored = [self.reader.stored_nbytes(v, chunk) for v in self.variables]
         return Decoded(
-            xy,
+            x,
+            y,
             sum(s or 0 for s in stored),
             sum(a.nbytes for a in arrays),
             time.perf_counter() - start,
@@ -229,25 +213,25 @@ class ChunkStream:
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return self.batches(0)
 
-    def batches(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """One epoch of batches; updates `self.stats`.
+    def group_count(self, epoch: int = 0) -> int:
+        """How many groups `groups(epoch)` yields (some may be empty)."""
+        return -(-len(self.epoch_chunks(epoch)) // self.buffer_chunks)
+
+    def groups(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """One epoch as `group_count` groups of samples: each is K chunks (the buffer) mixed.
 
         Shuffling has two halves: each chunk's samples are permuted in its decode thread, and
-        every batch draws from the K chunks of the buffer in proportion to what each has left.
-        A batch therefore mixes K chunks, every sample is emitted exactly once, and the
-        consumer only copies contiguous slices (a global gather over the buffer would cost as
-        much as decoding: it is bound by memory latency).
+        the K chunks of a group are interleaved so that every stretch of the group draws from
+        all K in proportion to their sizes (`mix`). Batches are then contiguous slices of
+        the groups' sequence: a global random gather over the buffer would cost as much as
+        decoding (it is bound by memory latency). Updates the chunk-side `stats`.
         """
         stats = self.stats
-        stats.epochs += 1
-        started = waiting = time.perf_counter()
-        rng = np.random.default_rng([self.seed, epoch, 2])
         chunks = self.epoch_chunks(epoch)
         stats.bytes_needed += self._bytes(chunks)  # this shard's chunks, once
         todo = iter(chunks)
-        lookahead = self.buffer_chunks + self.threads
-        active: list[list] = []  # [records, position] of the chunks in the buffer
-        n_features = len(self.task.spec.features)
+        # the next group decodes while the consumer drains this one
+        lookahead = 2 * self.buffer_chunks + self.threads
         with ThreadPoolExecutor(self.threads, thread_name_prefix="cubebench-decode") as pool:
             pending: deque[Future[Decoded]] = deque()
 
@@ -258,70 +242,93 @@ class ChunkStream:
                         return
                     pending.append(pool.submit(self.decode, chunk, epoch))
 
-            def take_decoded() -> None:
-                decoded = pending.popleft().result()
-                top_up()
-                stats.chunks_decoded += 1
-                stats.bytes_read += decoded.bytes_read
-                stats.bytes_decoded += decoded.bytes_decoded
-                stats.decode_seconds += decoded.seconds
-                if len(decoded.xy):
-                    active.append([decoded.xy, 0])
-
             top_up()
-            while True:
-                while pending and (
-                    len(active) < self.buffer_chunks
-                    or sum(len(c[0]) - c[1] for c in active) < self.batch_size
-                ):
-                    take_decoded()
-                left = np.array([len(c[0]) - c[1] for c in active], dtype=np.int64)
-                total = int(left.sum())
-                if total == 0 or (total < self.batch_size and self.drop_last):
-                    break
-                size = min(self.batch_size, total)
-                counts = self._split_batch(left, size, rng)
-                bx = np.empty((size, n_features), np.float32)
-                by = np.empty(size, np.float32)
-                filled = 0
-                for c, k in zip(active, counts):
-                    if k:
-                        records = c[0][c[1] : c[1] + k]
-                        bx[filled : filled + k] = records[:, :-1]
-                        by[filled : filled + k] = records[:, -1]
-                        c[1] += k
-                        filled += k
-                active = [c for c in active if c[1] < len(c[0])]
-                stats.stall_seconds += time.perf_counter() - waiting
-                if stats.time_to_first_batch_s is None:
-                    stats.time_to_first_batch_s = time.perf_counter() - started
-                stats.samples += size
-                stats.batches += 1
-                yield bx, by
+            try:
+                while pending:
+                    parts = []
+                    for _ in range(min(self.buffer_chunks, len(pending))):
+                        decoded = pending.popleft().result()
+                        top_up()
+                        stats.chunks_decoded += 1
+                        stats.bytes_read += decoded.bytes_read
+                        stats.bytes_decoded += decoded.bytes_decoded
+                        stats.decode_seconds += decoded.seconds
+                        parts.append((decoded.x, decoded.y))
+                    yield mix(parts) if self.shuffle else concatenate(parts)
+            finally:  # the consumer stopped early: skip decodes not yet started
+                for future in pending:
+                    future.cancel()
+
+    def batches(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """One epoch of `(X[B, F], y[B])` batches cut from the groups; updates `self.stats`.
+
+        A batch is a view into its group, copied only where it spans two groups. The last,
+        partial batch is kept unless `drop_last`.
+        """
+        stats = self.stats
+        stats.epochs += 1
+        size = self.batch_size
+        started = waiting = time.perf_counter()
+
+        def emit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            stats.stall_seconds += time.perf_counter() - waiting
+            if stats.time_to_first_batch_s is None:
+                stats.time_to_first_batch_s = time.perf_counter() - started
+            stats.samples += len(y)
+            stats.batches += 1
+            return x, y
+
+        carry: list[tuple[np.ndarray, np.ndarray]] = []  # pieces of a batch under way
+        carried = 0
+        for x, y in self.groups(epoch):
+            at = 0
+            if carried:
+                at = min(size - carried, len(y))
+                carry.append((x[:at], y[:at]))
+                carried += at
+                if carried < size:
+                    continue
+                yield emit(*concatenate(carry))
                 waiting = time.perf_counter()
-            for future in pending:  # drop_last ended early: skip decodes not yet started
-                future.cancel()
+                carry, carried = [], 0
+            while len(y) - at >= size:
+                yield emit(x[at : at + size], y[at : at + size])
+                waiting = time.perf_counter()
+                at += size
+            if at < len(y):
+                carry, carried = [(x[at:], y[at:])], len(y) - at
+        if carried and not self.drop_last:
+            yield emit(*concatenate(carry))
+            waiting = time.perf_counter()
         stats.stall_seconds += time.perf_counter() - waiting
         stats.wall_seconds += time.perf_counter() - started
 
-    def _split_batch(self, left: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-        """How many samples each buffered chunk gives to a batch: proportional to what it has
-        left, the remainder handed out at random to chunks that still have samples."""
-        if not self.shuffle:  # in order: drain chunks one after another
-            counts = np.zeros_like(left)
-            need = size
-            for i, n in enumerate(left):
-                counts[i] = min(n, need)
-                need -= counts[i]
-            return counts
-        counts = left * size // int(left.sum())
-        short = size - int(counts.sum())
-        while short:
-            spare = np.flatnonzero(counts < left)
-            pick = rng.choice(spare, size=min(short, len(spare)), replace=False)
-            counts[pick] += 1
-            short -= len(pick)
-        return counts
+
+def concatenate(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+def mix(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Interleave shuffled parts so that every stretch of the result draws from each part in
+    proportion to its size: part k gives its samples floor(n_k * m / N) .. of the first m.
+
+    The result is built by one gather of contiguous runs (a few hundred samples each), which
+    streams through memory instead of chasing random addresses.
+    """
+    x, y = concatenate(parts)
+    sizes = np.array([len(part_y) for _, part_y in parts], np.int64)
+    total = int(sizes.sum())
+    if len(parts) < 2 or total == 0:
+        return x, y
+    rounds = max(1, total // 2048)  # runs of ~2048 / K samples per part
+    marks = np.arange(rounds + 1, dtype=np.int64) * total // rounds
+    cuts = sizes[None, :] * marks[:, None] // total  # (rounds + 1, K); last row = sizes
+    lengths = np.diff(cuts, axis=0).ravel()  # round-major, then part
+    sources = (cuts[:-1] + (np.cumsum(sizes) - sizes)[None, :]).ravel()
+    # index of every output sample: its run's source start + its offset within the run
+    run_starts = np.cumsum(lengths) - lengths
+    index = np.repeat(sources - run_starts, lengths) + np.arange(total)
+    return np.take(x, index, axis=0), np.take(y, index)
 
 
 def materialize(

@@ -1,12 +1,15 @@
-"""TensorFlow adapter: a `tf.data.Dataset` of ready-made batches, prefetched.
+"""TensorFlow adapter: a `tf.data.Dataset` of ready-made batches.
 
-Batches are built by the numpy stream (decode threads, no per-sample Python). Crossing from
-Python into tf.data costs a fixed few hundred microseconds per element, so full batches travel
-in groups of `group` (stacked to (k, B, F)) and are split again by `unbatch` in C++.
+The numpy stream does the work (decode threads, no per-sample Python) and hands tf.data whole
+mixed groups of K chunks through `numpy_function`; `rebatch` cuts them into batches in C++.
+Crossing from Python into tf.data has a fixed cost per element (`from_generator` costs about
+twice as much per element), so it is paid per group, not per batch. The batches equal
+`ChunkStream.batches` exactly: both cut the same sequence of groups.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,36 +18,37 @@ import tensorflow as tf
 from cubebench.loading.stream import ChunkStream
 
 
-def _grouped(
-    stream: ChunkStream, epoch: int, group: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    xs, ys = [], []
-    for x, y in stream.batches(epoch):
-        if len(y) != stream.batch_size:  # the last, partial batch travels alone, in order
-            if xs:
-                yield np.stack(xs), np.stack(ys)
-                xs, ys = [], []
-            yield x[None], y[None]
-            continue
-        xs.append(x)
-        ys.append(y)
-        if len(xs) == group:
-            yield np.stack(xs), np.stack(ys)
-            xs, ys = [], []
-    if xs:
-        yield np.stack(xs), np.stack(ys)
+class _Epochs:
+    """Each pass over the dataset is the next epoch, as Keras' `fit(epochs=N)` expects."""
+
+    def __init__(self, stream: ChunkStream, first_epoch: int):
+        self.stream = stream
+        self.next_epoch = first_epoch
+        self.groups: Iterator[tuple[np.ndarray, np.ndarray]] | None = None
+        self.started = 0.0
+
+    def group(self, index: np.int64) -> tuple[np.ndarray, np.ndarray]:
+        stats = self.stream.stats
+        if index == 0:  # a new pass: a new epoch
+            self.groups = self.stream.groups(self.next_epoch)
+            self.next_epoch += 1
+            self.started = time.perf_counter()
+            stats.epochs += 1
+        x, y = next(self.groups)
+        if stats.time_to_first_batch_s is None and len(y):  # the first batch follows in C++
+            stats.time_to_first_batch_s = time.perf_counter() - self.started
+        stats.samples += len(y)
+        return x, y
 
 
-def dataset(
-    stream: ChunkStream, epoch: int = 0, prefetch: int = 4, group: int = 8
-) -> tf.data.Dataset:
-    """One epoch of `(X[B, F], y[B])` float32 batches, in the stream's order."""
+def dataset(stream: ChunkStream, epoch: int = 0, prefetch: int = 2) -> tf.data.Dataset:
+    """`(X[B, F], y[B])` float32 batches in the stream's order; pass k is epoch `epoch + k`."""
     features = len(stream.task.spec.features)
-    signature = (
-        tf.TensorSpec(shape=(None, None, features), dtype=tf.float32),
-        tf.TensorSpec(shape=(None, None), dtype=tf.float32),
-    )
-    grouped = tf.data.Dataset.from_generator(
-        lambda: _grouped(stream, epoch, group), output_signature=signature
-    )
-    return grouped.unbatch().prefetch(prefetch)
+    epochs = _Epochs(stream, epoch)
+
+    def group(index):
+        x, y = tf.numpy_function(epochs.group, [index], (tf.float32, tf.float32), stateful=True)
+        return tf.ensure_shape(x, (None, features)), tf.ensure_shape(y, (None,))
+
+    groups = tf.data.Dataset.range(stream.group_count(epoch)).map(group)  # sequential
+    return groups.rebatch(stream.batch_size, drop_remainder=stream.drop_last).prefetch(prefetch)
