@@ -134,15 +134,37 @@ def test_torch_workers_deliver_every_sample_once(tiny_task, workers):
     np.testing.assert_allclose(_rows(x, y), _reference(tiny_task, "val"), rtol=0, atol=2e-5)
 
 
-def test_tf_batches_equal_numpy_batches(tiny_task):
+def test_tf_batches_equal_numpy_batches_and_each_pass_is_the_next_epoch(tiny_task):
     from cubebench.loading.tf import dataset
 
-    numpy_batches = list(ChunkStream(tiny_task, "train", batch_size=999).batches(3))
-    tf_batches = list(dataset(ChunkStream(tiny_task, "train", batch_size=999), epoch=3))
-    assert len(tf_batches) == len(numpy_batches)
-    for (xt, yt), (xn, yn) in zip(tf_batches, numpy_batches):
-        np.testing.assert_array_equal(xt.numpy(), xn)
-        np.testing.assert_array_equal(yt.numpy(), yn)
+    stream = ChunkStream(tiny_task, "train", batch_size=999)
+    batches = dataset(ChunkStream(tiny_task, "train", batch_size=999), epoch=3)
+    for epoch in (3, 4):  # as Keras' fit(epochs=N) iterates one dataset N times
+        numpy_batches = list(stream.batches(epoch))
+        tf_batches = list(batches)
+        assert len(tf_batches) == len(numpy_batches)
+        for (xt, yt), (xn, yn) in zip(tf_batches, numpy_batches):
+            np.testing.assert_array_equal(xt.numpy(), xn)
+            np.testing.assert_array_equal(yt.numpy(), yn)
+
+
+def test_mix_interleaves_parts_in_proportion():
+    from cubebench.loading.stream import mix
+
+    sizes = [1000, 3000, 500, 0]
+    parts = [
+        (np.full((n, 2), k, np.float32), np.arange(n, dtype=np.float32))
+        for k, n in enumerate(sizes)
+    ]
+    x, y = mix(parts, stretch=128)
+    owner = x[:, 0].astype(int)
+    assert len(y) == sum(sizes)
+    for k, n in enumerate(sizes):  # every sample once, each part in its own order
+        np.testing.assert_array_equal(y[owner == k], np.arange(n))
+    for start in range(0, len(y) - 512, 512):  # any stretch draws in proportion to size
+        counts = np.bincount(owner[start : start + 512], minlength=len(sizes))
+        expected = 512 * np.array(sizes) / sum(sizes)
+        assert np.all(np.abs(counts - expected) <= 0.25 * expected + 16), counts
 
 
 @pytest.mark.parametrize("adapter", ["numpy", "torch", "tf"])

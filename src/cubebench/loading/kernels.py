@@ -72,6 +72,18 @@ def fill_records(valid, arrays, mean, inv_std, coord_axis, coord_table, seed, sh
                 k += 1
 
 
+@numba.njit(nogil=True, cache=True)
+def copy_runs(x, y, sources, lengths, out_x, out_y) -> None:
+    """out[...] = the runs `x[sources[r] : sources[r] + lengths[r]]` one after another."""
+    at = 0
+    for r in range(len(sources)):
+        start = sources[r]
+        n = lengths[r]
+        out_x[at : at + n] = x[start : start + n]
+        out_y[at : at + n] = y[start : start + n]
+        at += n
+
+
 def chunk_records(
     arrays: list[np.ndarray],
     selection: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -113,10 +125,12 @@ def chunk_records(
 
 
 def warm_up(n_arrays: int, dtype: np.dtype, n_coords: int) -> None:
-    """Compile (or load from numba's cache) the kernel for these types, ahead of the first
-    chunk: loading it takes ~0.4 s, once per process."""
+    """Compile (or load from numba's cache) the kernels for these types, ahead of the first
+    chunk: loading them takes ~0.4 s, once per process."""
     arrays = [np.zeros((1, 1, 1), dtype) for _ in range(n_arrays)]
     selection = (np.ones(1, bool),) * 3
     coords = np.zeros(n_coords, np.int64), np.zeros((n_coords, 1), np.float32)
     ones = np.ones(n_arrays, np.float32)
-    chunk_records(arrays, selection, ones, ones, *coords, seed=1)
+    x, y = chunk_records(arrays, selection, ones, ones, *coords, seed=1)
+    runs = np.zeros(1, np.int64)
+    copy_runs(x, y, runs, runs, np.empty_like(x), np.empty_like(y))

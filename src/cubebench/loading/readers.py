@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -30,9 +31,18 @@ class ChunkReader(Protocol):
         """Decoded values of `var` on a window (one chunk, normally)."""
         ...
 
+    def read_many(self, names: Sequence[str], window: Window) -> list[np.ndarray]:
+        """Several variables on one window (readers with async I/O read them concurrently)."""
+        ...
+
     def stored_nbytes(self, var: str, chunk_index: tuple[int, int, int]) -> int | None:
         """Compressed bytes of one stored chunk (0 when the chunk is absent), None if unknown."""
         ...
+
+
+class _OneByOne:
+    def read_many(self, names: Sequence[str], window: Window) -> list[np.ndarray]:
+        return [self.read(v, window) for v in names]
 
 
 def _stored_names(ds: xr.Dataset) -> dict[str, str]:
@@ -83,7 +93,7 @@ class _ZarrBase:
         return self._sizes[var].get(key, 0)
 
 
-class ZarrReader(_ZarrBase):
+class ZarrReader(_OneByOne, _ZarrBase):
     """zarr-python with its default codec pipeline: works for every Zarr store fsspec reaches."""
 
     name = "zarr"
@@ -92,7 +102,7 @@ class ZarrReader(_ZarrBase):
         return np.asarray(self._zarr_array(var)[window])
 
 
-class ZarrsReader(_ZarrBase):
+class ZarrsReader(_OneByOne, _ZarrBase):
     """zarr-python with the Rust `zarrs` codec pipeline (PyPI `zarrs`)."""
 
     name = "zarrs"
@@ -114,7 +124,7 @@ class TensorstoreReader(_ZarrBase):
 
     name = "tensorstore"
 
-    def read(self, var: str, window: Window) -> np.ndarray:
+    def _array(self, var: str):
         key = ("ts", var)
         if key not in self._arrays:
             import tensorstore as ts
@@ -123,10 +133,17 @@ class TensorstoreReader(_ZarrBase):
             driver = "zarr3" if os.path.exists(os.path.join(path, "zarr.json")) else "zarr"
             spec = {"driver": driver, "kvstore": {"driver": "file", "path": path}}
             self._arrays[key] = ts.open(spec, read=True).result()
-        return self._arrays[key][window].read().result()
+        return self._arrays[key]
+
+    def read(self, var: str, window: Window) -> np.ndarray:
+        return self._array(var)[window].read().result()
+
+    def read_many(self, names: Sequence[str], window: Window) -> list[np.ndarray]:
+        reads = [self._array(v)[window].read() for v in names]  # all in flight at once
+        return [r.result() for r in reads]
 
 
-class XarrayReader:
+class XarrayReader(_OneByOne):
     """Any cube xarray opens (NetCDF, remote NetCDF...): reads through the backend, no dask."""
 
     name = "xarray"

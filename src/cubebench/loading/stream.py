@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cubebench.loading.kernels import chunk_records, warm_up
+from cubebench.loading.kernels import chunk_records, copy_runs, warm_up
 from cubebench.loading.readers import ChunkReader, open_reader
 from cubebench.task import PreparedTask
 
@@ -182,7 +182,7 @@ class ChunkStream:
         """
         start = time.perf_counter()
         window = self.window(chunk)
-        arrays = [self.reader.read(v, window) for v in self.variables]
+        arrays = self.reader.read_many(self.variables, window)
         sel = self.task.selections[self.part]
         selection = tuple(mask[w] for mask, w in zip((sel.time, sel.lat, sel.lon), window))
         # the coordinate features along this chunk's window, one row per feature
@@ -254,7 +254,9 @@ class ChunkStream:
                         stats.bytes_decoded += decoded.bytes_decoded
                         stats.decode_seconds += decoded.seconds
                         parts.append((decoded.x, decoded.y))
-                    yield mix(parts) if self.shuffle else concatenate(parts)
+                    # a batch spans several stretches: it draws from all K chunks
+                    stretch = max(1, self.batch_size // 4)
+                    yield mix(parts, stretch) if self.shuffle else concatenate(parts)
             finally:  # the consumer stopped early: skip decodes not yet started
                 for future in pending:
                     future.cancel()
@@ -308,11 +310,13 @@ def concatenate(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray,
     return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
-def mix(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Interleave shuffled parts so that every stretch of the result draws from each part in
-    proportion to its size: part k gives its samples floor(n_k * m / N) .. of the first m.
+def mix(
+    parts: list[tuple[np.ndarray, np.ndarray]], stretch: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Interleave shuffled parts so that every `stretch` samples of the result draw from each
+    part in proportion to its size (part k gives samples floor(n_k * m / N) of the first m).
 
-    The result is built by one gather of contiguous runs (a few hundred samples each), which
+    The result is built by copying contiguous runs (a few hundred samples each), which
     streams through memory instead of chasing random addresses.
     """
     x, y = concatenate(parts)
@@ -320,15 +324,15 @@ def mix(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndar
     total = int(sizes.sum())
     if len(parts) < 2 or total == 0:
         return x, y
-    rounds = max(1, total // 2048)  # runs of ~2048 / K samples per part
+    rounds = max(1, total // stretch)
     marks = np.arange(rounds + 1, dtype=np.int64) * total // rounds
     cuts = sizes[None, :] * marks[:, None] // total  # (rounds + 1, K); last row = sizes
     lengths = np.diff(cuts, axis=0).ravel()  # round-major, then part
     sources = (cuts[:-1] + (np.cumsum(sizes) - sizes)[None, :]).ravel()
     # index of every output sample: its run's source start + its offset within the run
-    run_starts = np.cumsum(lengths) - lengths
-    index = np.repeat(sources - run_starts, lengths) + np.arange(total)
-    return np.take(x, index, axis=0), np.take(y, index)
+    out_x, out_y = np.empty_like(x), np.empty_like(y)
+    copy_runs(x, y, sources, lengths, out_x, out_y)
+    return out_x, out_y
 
 
 def materialize(

@@ -37,10 +37,19 @@ class CubeBatches(IterableDataset):
             yield torch.from_numpy(x), torch.from_numpy(y)
 
 
-def loader(stream: ChunkStream, num_workers: int = 0, epoch: int = 0, **kwargs) -> DataLoader:
-    """A DataLoader over the stream's batches (no re-batching, spawned workers)."""
+def loader(
+    stream: ChunkStream, num_workers: int = 0, epoch: int = 0, **kwargs
+) -> DataLoader | CubeBatches:
+    """The stream's batches for torch: the dataset itself without workers, else a DataLoader
+    (no re-batching, spawned workers).
+
+    Without workers a DataLoader only adds bookkeeping (~60 us a batch, 15-20 % of the
+    loader's time at batch 4096); pass DataLoader options (e.g. `pin_memory`) to get one.
+    """
     dataset = CubeBatches(stream)
     dataset.set_epoch(epoch)
+    if not num_workers and not kwargs:
+        return dataset
     options = {"batch_size": None, "num_workers": num_workers, **kwargs}
     if num_workers:
         options.setdefault("multiprocessing_context", "spawn")
