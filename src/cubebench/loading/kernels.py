@@ -73,15 +73,14 @@ def fill_records(valid, arrays, mean, inv_std, coord_axis, coord_table, seed, sh
 
 
 @numba.njit(nogil=True, cache=True)
-def copy_runs(x, y, sources, lengths, out_x, out_y) -> None:
-    """out[...] = the runs `x[sources[r] : sources[r] + lengths[r]]` one after another."""
-    at = 0
+def copy_runs(x, y, sources, lengths, targets, out_x, out_y) -> None:
+    """out[targets[r] : targets[r] + lengths[r]] = x[sources[r] : sources[r] + lengths[r]]."""
+    width = x.shape[1]
+    flat_x, flat_out = x.reshape(-1), out_x.reshape(-1)  # 1-D copies: ~10x faster than 2-D
     for r in range(len(sources)):
-        start = sources[r]
-        n = lengths[r]
-        out_x[at : at + n] = x[start : start + n]
+        start, n, at = sources[r], lengths[r], targets[r]
+        flat_out[at * width : (at + n) * width] = flat_x[start * width : (start + n) * width]
         out_y[at : at + n] = y[start : start + n]
-        at += n
 
 
 def chunk_records(
@@ -133,4 +132,4 @@ def warm_up(n_arrays: int, dtype: np.dtype, n_coords: int) -> None:
     ones = np.ones(n_arrays, np.float32)
     x, y = chunk_records(arrays, selection, ones, ones, *coords, seed=1)
     runs = np.zeros(1, np.int64)
-    copy_runs(x, y, runs, runs, np.empty_like(x), np.empty_like(y))
+    copy_runs(x, y, runs, runs, runs, np.empty_like(x), np.empty_like(y))

@@ -306,6 +306,15 @@ class ChunkStream:
         stats.wall_seconds += time.perf_counter() - started
 
 
+def aligned_empty(shape: tuple[int, ...], dtype=np.float32, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on a 64-byte boundary: TensorFlow wraps such
+    an array without copying it (it copies any other one)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    offset = -raw.ctypes.data % alignment
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
 def concatenate(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
@@ -319,19 +328,21 @@ def mix(
     The result is built by copying contiguous runs (a few hundred samples each), which
     streams through memory instead of chasing random addresses.
     """
-    x, y = concatenate(parts)
     sizes = np.array([len(part_y) for _, part_y in parts], np.int64)
     total = int(sizes.sum())
     if len(parts) < 2 or total == 0:
-        return x, y
+        return concatenate(parts)
     rounds = max(1, total // stretch)
     marks = np.arange(rounds + 1, dtype=np.int64) * total // rounds
     cuts = sizes[None, :] * marks[:, None] // total  # (rounds + 1, K); last row = sizes
-    lengths = np.diff(cuts, axis=0).ravel()  # round-major, then part
-    sources = (cuts[:-1] + (np.cumsum(sizes) - sizes)[None, :]).ravel()
-    # index of every output sample: its run's source start + its offset within the run
-    out_x, out_y = np.empty_like(x), np.empty_like(y)
-    copy_runs(x, y, sources, lengths, out_x, out_y)
+    lengths = np.diff(cuts, axis=0)  # (rounds, K): what each part gives each round
+    targets = (np.cumsum(lengths.ravel()) - lengths.ravel()).reshape(lengths.shape)
+    # one contiguous row per part (the layout the kernel was compiled for)
+    cuts, lengths, targets = (np.ascontiguousarray(a.T) for a in (cuts[:-1], lengths, targets))
+    out_x = aligned_empty((total, parts[0][0].shape[1]))
+    out_y = aligned_empty((total,))
+    for k, (x, y) in enumerate(parts):  # straight from each part: no concatenated copy
+        copy_runs(x, y, cuts[k], lengths[k], targets[k], out_x, out_y)
     return out_x, out_y
 
 
