@@ -14,7 +14,7 @@ PYTHON = "3.11"
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The test suite, against real servers (S3 emulator, dask cluster) on loopback."""
-    session.install("-e", ".[dev,torch,tf]")
+    session.install("-e", ".[dev,sklearn,torch,tf]")
     session.run("pytest", *session.posargs)
 
 
@@ -28,11 +28,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """The main job in a local venv, on the embedded synthetic cube.
-
-    Until the runner lands this makes the cube and prints the prepared task; pass a cube spec
-    after `--` to use another one: `nox -s bench -- synthetic:tiny`.
-    """
-    session.install("-e", ".")
-    cube = session.posargs[0] if session.posargs else "synthetic:small"
-    session.run("cubebench", "prepare", "--cube", cube)
+    """The main job in a local venv: every case on the embedded synthetic cube, then the
+    report. Arguments after `--` go to `cubebench run`, e.g.
+    `nox -s bench -- --cube synthetic:tiny --epochs 1 --cases torch-mlp,keras-mlp`."""
+    session.install("-e", ".[sklearn,torch,tf]")
+    args = session.posargs or ["--cube", "synthetic:small"]
+    session.run("cubebench", "run", *args)

@@ -137,6 +137,70 @@ def _cmd_bench_loader(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_list(args: argparse.Namespace) -> int:
+    from cubebench.runner import discover
+
+    cases = discover(args.cases_dir)
+    rows = [
+        (name, cls.library, cls.task, ",".join(cls.devices), _params(cls.parameters))
+        for name, (_, cls) in cases.items()
+    ]
+    if args.json:
+        keys = ("case", "library", "task", "devices", "parameters")
+        print(json.dumps([dict(zip(keys, row)) for row in rows]))
+        return 0
+    widths = [max(len(str(r[i])) for r in rows) for i in range(4)] if rows else [0] * 4
+    for row in rows:
+        print("  ".join(f"{v!s:<{w}}" for v, w in zip(row[:4], widths)) + "  " + row[4])
+    return 0
+
+
+def _params(parameters: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in parameters.items())
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from cubebench.cube import open_cube
+    from cubebench.progress import SuiteProgress
+    from cubebench.report import write_report
+    from cubebench.runner import claim_run_dir, discover, run_suite, select
+
+    available = discover(args.cases_dir)
+    cases = select(available, args.cases)
+    options = _storage_options(args.storage_option)
+    open_cube(args.cube, storage_options=options)  # a bad cube fails here, and is made once
+    run_dir = claim_run_dir(args.out, args.run_id)
+    with SuiteProgress(cases) as progress:
+        outcomes = run_suite(
+            cube=args.cube,
+            cases=cases,
+            available=available,
+            run_dir=run_dir,
+            device=args.device,
+            epochs=args.epochs,
+            seed=args.seed,
+            threads=args.threads,
+            timeout=args.timeout,
+            storage_options=options,
+            progress=progress,
+        )
+    paths = write_report(run_dir)
+    failed = [o for o in outcomes if o.status != "ok"]
+    print(f"results: {run_dir}")
+    print(f"report:  {next((p for p in paths if p.suffix == '.md'), run_dir)}")
+    for outcome in failed:
+        print(f"failed:  {outcome.case}: {outcome.reason}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cubebench.report import write_report
+
+    for path in write_report(args.run_dir):
+        print(path)
+    return 0
+
+
 def _print_summary(summary: dict) -> None:
     width = max(len(k) for k in summary)
     for key, value in summary.items():
@@ -206,6 +270,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reader", help="chunk reader (default: the fastest available)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_bench_loader)
+
+    p = sub.add_parser("list", help="list the cases")
+    p.add_argument("--cases-dir", type=Path, help="where case files live (default: cases/)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("run", help="run the cases, each in its own process, then the report")
+    _add_cube_args(p)
+    p.add_argument("--cases", default="all", help="comma-separated case names, or all")
+    p.add_argument("--cases-dir", type=Path, help="where case files live (default: cases/)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    p.add_argument("--epochs", type=int, help="override every case's epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="threads per case (default: the CPU count)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
+    p.add_argument("--run-id", help="name of the run (default: date-time-random)")
+    p.add_argument("--out", type=Path, default=Path("results"), help="results root")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("report", help="write report.md, report.html and plots for a run")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -1,0 +1,170 @@
+"""The case contract: what a file in `cases/` declares and implements.
+
+A case is one library's way to solve a task (benchopt's solvers are the model). The runner
+owns everything that must be measured the same way for every case: the cube and the task,
+the streams (and their loading costs), timing, evaluation on the test part in physical units,
+and the result file. A case only builds its model, trains it on the streams it is handed and
+predicts a batch. Add a case by copying a file in `cases/` and changing the model.
+
+Frameworks are imported inside the case's methods (or in `cubebench.models.*`), never at the
+top of a case file: listing the cases must not load TensorFlow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from cubebench.loading.stream import ChunkStream, LoadStats, materialize
+from cubebench.task import PreparedTask
+
+Predict = Callable[[np.ndarray], np.ndarray]  # normalised X[B, F] -> normalised y_hat[B]
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float | None
+    val_loss: float | None
+    seconds: float
+    samples: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Context:
+    """What the runner hands a case: the prepared task, parameters, device, seed and threads,
+    streams whose loading costs are collected, and a log for per-epoch losses."""
+
+    def __init__(
+        self,
+        task: PreparedTask,
+        params: dict[str, Any],
+        *,
+        device: str = "cpu",
+        seed: int = 0,
+        threads: int = 2,
+        tensorboard_dir: str | None = None,
+        on_epoch: Callable[[EpochRecord, int], None] | None = None,
+    ):
+        self.task = task
+        self.params = params
+        self.device = device
+        self.seed = seed
+        self.threads = threads
+        self.tensorboard_dir = tensorboard_dir
+        self.epochs: list[EpochRecord] = []
+        self.train_streams: list[ChunkStream] = []
+        self.stall_seconds = 0.0  # consumer-side waits measured by `timed_batches`
+        self.stall_estimated = False
+        self.train_samples: int | None = None  # set by cases that log no epochs (in-memory)
+        self._on_epoch = on_epoch
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.params.get("batch_size", 4096))
+
+    def stream(self, part: str = "train", *, shuffle: bool = True, **options) -> ChunkStream:
+        """A stream over a part, seeded by the run; training streams count as loading cost."""
+        options.setdefault("batch_size", self.batch_size)
+        options.setdefault("threads", self.threads)
+        stream = ChunkStream(self.task, part, shuffle=shuffle, seed=self.seed, **options)
+        if shuffle:
+            self.train_streams.append(stream)
+        return stream
+
+    def materialize(self, part: str, max_samples: int | None = None):
+        """A seeded in-memory subsample (normalised), for in-memory models."""
+        return materialize(self.task, part, max_samples, seed=self.seed, threads=self.threads)
+
+    def timed_batches(self, stream: ChunkStream, epoch: int) -> Iterator[tuple]:
+        """The epoch's batches, counting the time the training loop waits for each one."""
+        batches = stream.batches(epoch)
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            self.stall_seconds += time.perf_counter() - asked
+            if batch is None:
+                return
+            yield batch
+
+    def log_epoch(
+        self,
+        epoch: int,
+        train_loss: float | None,
+        val_loss: float | None = None,
+        *,
+        seconds: float = 0.0,
+        samples: int = 0,
+        of: int = 0,
+        **extra: float,
+    ) -> None:
+        """Record one epoch's losses (normalised units); `of` = planned epochs, for progress."""
+        record = EpochRecord(
+            epoch,
+            None if train_loss is None else float(train_loss),
+            None if val_loss is None else float(val_loss),
+            float(seconds),
+            int(samples),
+            {k: float(v) for k, v in extra.items()},
+        )
+        self.epochs.append(record)
+        if self._on_epoch:
+            self._on_epoch(record, of)
+
+    def loading(self) -> LoadStats:
+        """The summed loading costs of every training stream."""
+        total = LoadStats()
+        for stream in self.train_streams:
+            s = stream.stats
+            total.chunks_decoded += s.chunks_decoded
+            total.bytes_read += s.bytes_read
+            total.bytes_decoded += s.bytes_decoded
+            total.bytes_needed += s.bytes_needed
+            total.samples += s.samples
+            total.batches += s.batches
+            total.decode_seconds += s.decode_seconds
+            total.wall_seconds += s.wall_seconds
+            total.epochs += s.epochs
+            if total.time_to_first_batch_s is None:
+                total.time_to_first_batch_s = s.time_to_first_batch_s
+        total.stall_seconds = self.stall_seconds
+        return total
+
+
+class Case:
+    """Base class of a case. Subclasses set the class attributes and implement `fit` and
+    `predict`; `setup` builds the model (imports the framework)."""
+
+    name: ClassVar[str]
+    library: ClassVar[str]  # the distribution name: its version is recorded
+    task: ClassVar[str] = "lst-from-t2m"
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    parameters: ClassVar[dict[str, Any]] = {}
+    # the part the runner evaluates on (transfer cases evaluate on the target region)
+    eval_part: ClassVar[str] = "test"
+
+    def __init__(self, context: Context):
+        self.context = context
+        self.params = context.params
+
+    def setup(self) -> None:
+        """Build the model; seeds and threads are already set. Timed as warm-up."""
+
+    def fit(self) -> None:
+        raise NotImplementedError
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predictors(self) -> dict[str, Predict]:
+        """What the runner evaluates; the first is the case's result. Transfer cases add
+        their baselines (source-only, scratch) here."""
+        return {"model": self.predict}
+
+    def extra_metrics(self, rmse_by_predictor: dict[str, float]) -> dict[str, float]:
+        """Case-specific numbers derived from the evaluation (e.g. the transfer gain)."""
+        return {}

@@ -1,0 +1,210 @@
+"""Result files: one JSON per case, written atomically, validated against a versioned schema.
+
+Layout of a run: `RESULTS/<run-id>/run.json` (the run manifest), `<case>.json` per case, and
+`environment.json`. The schema is `cubebench/schemas/result-v1.schema.json`, documented in
+docs/results.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from functools import cache
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+from cubebench.errors import CubebenchError
+
+SCHEMA_VERSION = 1
+RUN_MANIFEST = "run.json"
+ENVIRONMENT = "environment.json"
+NOT_RESULTS = {RUN_MANIFEST, ENVIRONMENT}
+
+# what the environment manifest reports versions of, when installed
+PACKAGES = (
+    "cubebench",
+    "numpy",
+    "xarray",
+    "zarr",
+    "dask",
+    "tensorstore",
+    "numba",
+    "scikit-learn",
+    "torch",
+    "tensorflow",
+    "tensorflow-cpu",
+    "keras",
+    "mlflow",
+)
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+    "TF_NUM_INTEROP_THREADS",
+)
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write-then-rename in the same directory: a reader sees the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=_jsonable)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars and paths in results become plain JSON values."""
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | set):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+@cache
+def schema() -> dict:
+    text = resources.files("cubebench").joinpath("schemas/result-v1.schema.json").read_text()
+    return json.loads(text)
+
+
+def validate(result: dict, source: Path | str | None = None) -> None:
+    """Raise CubebenchError naming the file (or case) and the first schema violation."""
+    import jsonschema
+
+    if not isinstance(result, dict):
+        raise CubebenchError(f"{source or 'result'} is not a JSON object")
+    version = result.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CubebenchError(
+            f"{source or 'result'}: unknown schema_version {version!r} "
+            f"(this cubebench reads {SCHEMA_VERSION})"
+        )
+    try:
+        jsonschema.validate(result, schema())
+    except jsonschema.ValidationError as error:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        what = source or f"result {result.get('case', '?')!r}"
+        raise CubebenchError(f"{what} breaks the schema at {where}: {error.message}") from None
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_sha() -> str | None:
+    if sha := os.environ.get("CUBEBENCH_GIT_SHA"):  # set in images, which carry no .git
+        return sha
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _gpu() -> dict | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [r.split(", ") for r in out.stdout.strip().splitlines() if r.strip()]
+    if out.returncode or not rows:
+        return None
+    return {"count": len(rows), "name": rows[0][0], "driver": rows[0][1], "memory": rows[0][2]}
+
+
+def environment_manifest(threads: int, seed: int) -> dict:
+    """Everything that can change the numbers, recorded once per run."""
+    return {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "packages": {name: v for name in PACKAGES if (v := _version(name))},
+        "cpu": {"model": _cpu_model(), "count": os.cpu_count()},
+        "gpu": _gpu(),
+        "threads": {"per_case": threads, **{v: os.environ.get(v) for v in THREAD_VARIABLES}},
+        "seed": seed,
+        "git_sha": _git_sha(),
+        "image": {
+            "digest": os.environ.get("CUBEBENCH_IMAGE_DIGEST"),
+            "lock_hash": os.environ.get("CUBEBENCH_LOCK_HASH"),
+        },
+    }
+
+
+def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    """(run manifest, case results in the manifest's order) of a results directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CubebenchError(f"no results directory at {run_dir}")
+    manifest_path = run_dir / RUN_MANIFEST
+    if not manifest_path.exists():
+        raise CubebenchError(f"{run_dir} is not a cubebench run: no {RUN_MANIFEST}")
+    manifest = _read_json(manifest_path)
+    if not isinstance(manifest, dict):
+        raise CubebenchError(f"{manifest_path} is not a JSON object")
+    results = []
+    for path in sorted(run_dir.glob("*.json")):
+        if path.name in NOT_RESULTS:
+            continue
+        result = _read_json(path)
+        validate(result, path)
+        results.append(result)
+    order = {name: i for i, name in enumerate(manifest.get("cases", []))}
+    results.sort(key=lambda r: (order.get(r["case"], len(order)), r["case"]))
+    return manifest, results
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CubebenchError(f"{path} is not valid JSON: {error}") from None
+    except OSError as error:
+        raise CubebenchError(f"cannot read {path}: {error.strerror}") from None

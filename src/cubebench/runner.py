@@ -1,0 +1,288 @@
+"""The suite runner: discovers the cases, runs each in its own process, never stops early.
+
+Each case runs in `python -m cubebench.worker` with its thread count fixed through the usual
+environment variables, under a timeout. A case that raises, hangs past its timeout or dies by a
+signal (OOM killer, SIGKILL) becomes a failed result with the reason, and the suite goes on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cubebench import results
+from cubebench.case import Case
+from cubebench.errors import CubebenchError
+
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+)
+
+
+def default_cases_dir() -> Path:
+    """`$CUBEBENCH_CASES_DIR`, else `cases/` of the source tree, else `./cases`."""
+    if env := os.environ.get("CUBEBENCH_CASES_DIR"):
+        return Path(env)
+    in_tree = Path(__file__).resolve().parents[2] / "cases"
+    return in_tree if in_tree.is_dir() else Path("cases")
+
+
+def load_case_class(path: Path) -> type[Case]:
+    """The `Case` class of one case file (imported by path: cases/ is not a package)."""
+    name = f"cubebench_case_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise CubebenchError(f"cannot import case file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    cls = getattr(module, "Case", None)
+    if not (isinstance(cls, type) and issubclass(cls, Case)) or not getattr(cls, "name", None):
+        raise CubebenchError(f"{path} defines no `Case` class with a name")
+    return cls
+
+
+def discover(cases_dir: Path | None = None) -> dict[str, tuple[Path, type[Case]]]:
+    """name -> (file, class) of every case file, in file order."""
+    cases_dir = Path(cases_dir or default_cases_dir())
+    if not cases_dir.is_dir():
+        raise CubebenchError(f"no cases directory at {cases_dir}")
+    found: dict[str, tuple[Path, type[Case]]] = {}
+    for path in sorted(cases_dir.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        cls = load_case_class(path)
+        if cls.name in found:
+            first = found[cls.name][0]
+            raise CubebenchError(f"case {cls.name!r} is defined twice: {first}, {path}")
+        found[cls.name] = (path, cls)
+    return found
+
+
+def select(available: dict, wanted: str) -> list[str]:
+    if wanted == "all":
+        return list(available)
+    names = [n.strip() for n in wanted.split(",") if n.strip()]
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise CubebenchError(f"unknown case(s) {unknown}; known: {', '.join(available)}")
+    if not names:
+        raise CubebenchError("no case selected")
+    return names
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+@dataclass
+class CaseOutcome:
+    case: str
+    status: str
+    reason: str | None
+    seconds: float
+
+
+Progress = Callable[[str, dict[str, Any]], None]  # (case, worker event) -> None
+
+
+def _reason_from_exit(returncode: int, stderr_tail: str) -> str:
+    if returncode < 0:
+        sig = signal.Signals(-returncode)
+        hint = " (out of memory?)" if sig == signal.SIGKILL else ""
+        return f"killed by {sig.name}{hint}"
+    last = stderr_tail.strip().splitlines()[-1] if stderr_tail.strip() else "no output"
+    return f"worker exited with code {returncode}: {last[:300]}"
+
+
+def _tail(path: Path, size: int = 4000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def run_case(
+    spec: dict, run_dir: Path, timeout: float, progress: Progress | None = None
+) -> CaseOutcome:
+    """One case in a worker process; returns how it ended (the result file says the rest)."""
+    name = spec["case"]
+    spec_path = run_dir / "specs" / f"{name}.json"
+    results.write_json_atomic(spec_path, spec)
+    log_path = run_dir / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(spec["threads"]))}
+    env["TF_NUM_INTEROP_THREADS"] = "1"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    start = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cubebench.worker", str(spec_path)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+            start_new_session=True,  # its own process group: a timeout kills its children too
+        )
+        reader = threading.Thread(target=_read_events, args=(proc, name, progress), daemon=True)
+        reader.start()
+        try:
+            returncode = proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            returncode = proc.wait()
+            timed_out = True
+        reader.join(timeout=5)
+    seconds = time.perf_counter() - start
+    result_path = Path(spec["result_path"])
+    if timed_out:
+        reason = f"timed out after {timeout:g} s"
+    elif result_path.exists() and returncode in (0, 1):
+        written = json.loads(result_path.read_text())
+        return CaseOutcome(name, written["status"], written["reason"], seconds)
+    else:
+        reason = _reason_from_exit(returncode, _tail(log_path))
+    results.write_json_atomic(result_path, failed_result(spec, reason, seconds))
+    return CaseOutcome(name, "failed", reason, seconds)
+
+
+def _read_events(proc: subprocess.Popen, case: str, progress: Progress | None) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a library printed to stdout: not ours
+        if progress and isinstance(event, dict):
+            progress(case, event)
+
+
+def failed_result(spec: dict, reason: str, seconds: float) -> dict:
+    """The result of a case whose worker could not write one (timeout, signal, crash)."""
+    result = {
+        "schema_version": results.SCHEMA_VERSION,
+        "run_id": spec["run_id"],
+        "case": spec["case"],
+        "library": spec["library"],
+        "library_version": None,
+        "task": spec["task"],
+        "status": "failed",
+        "reason": reason,
+        "device": spec["device"] if spec["device"] != "auto" else "cpu",
+        "params": spec["params"],
+        "seed": spec["seed"],
+        "threads": spec["threads"],
+        "finished_at": results.now(),
+        "metrics": None,
+        "timing": {"warmup_s": None, "fit_s": None, "predict_s": None, "total_s": seconds},
+        "throughput": {"train_samples_per_s": None, "predict_samples_per_s": None},
+        "loading": {"stall_fraction": None, "read_amplification": None},
+        "memory": {"peak_rss_mb": None},
+        "epochs": [],
+        "cube": {"spec": spec["cube"], "fingerprint": None, "chunk_shape": None},
+        "environment": spec["environment"],
+    }
+    results.validate(result)
+    return result
+
+
+def claim_run_dir(out: Path, run_id: str | None = None) -> Path:
+    """Create `out/<run-id>`; creation is atomic, so two suites never share a run dir."""
+    run_id = run_id or new_run_id()
+    if not run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise CubebenchError(f"run id {run_id!r}: use letters, digits, '-', '_' and '.'")
+    run_dir = Path(out) / run_id
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise CubebenchError(
+            f"run {run_id!r} already exists in {out}: pick another --run-id"
+        ) from None
+    except OSError as error:
+        raise CubebenchError(f"cannot create {run_dir}: {error.strerror}") from None
+    return run_dir
+
+
+def run_suite(
+    *,
+    cube: str,
+    cases: list[str],
+    available: dict[str, tuple[Path, type[Case]]],
+    run_dir: Path,
+    device: str = "auto",
+    epochs: int | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    timeout: float = 1800.0,
+    storage_options: dict | None = None,
+    progress: Progress | None = None,
+) -> list[CaseOutcome]:
+    """Run `cases` one after another, each in its own worker, into `run_dir` (claimed)."""
+    run_id = run_dir.name
+    threads = threads or min(os.cpu_count() or 1, 8)
+    environment = results.environment_manifest(threads, seed)
+    results.write_json_atomic(run_dir / results.ENVIRONMENT, environment)
+    manifest = {
+        "run_id": run_id,
+        "cube": cube,
+        "cases": cases,
+        "device": device,
+        "epochs": epochs,
+        "seed": seed,
+        "threads": threads,
+        "timeout_s": timeout,
+        "started_at": results.now(),
+        "finished_at": None,
+        "status": "running",
+        "outcomes": {},
+    }
+    results.write_json_atomic(run_dir / results.RUN_MANIFEST, manifest)
+    outcomes = []
+    for name in cases:
+        path, cls = available[name]
+        params = {"epochs": epochs} if epochs is not None and "epochs" in cls.parameters else {}
+        spec = {
+            "run_id": run_id,
+            "case": name,
+            "case_path": str(path.resolve()),
+            "library": cls.library,
+            "task": cls.task,
+            "params": {**cls.parameters, **params},
+            "cube": cube,
+            "storage_options": storage_options,
+            "device": device,
+            "seed": seed,
+            "threads": threads,
+            "environment": environment,
+            "tensorboard_dir": str(run_dir / "tb" / name),
+            "result_path": str(run_dir / f"{name}.json"),
+        }
+        if progress:
+            progress(name, {"event": "start"})
+        outcome = run_case(spec, run_dir, timeout, progress)
+        outcomes.append(outcome)
+        if progress:
+            progress(name, {"event": "end", "status": outcome.status, "reason": outcome.reason})
+        manifest["outcomes"][name] = {"status": outcome.status, "reason": outcome.reason}
+        results.write_json_atomic(run_dir / results.RUN_MANIFEST, manifest)
+    manifest.update(finished_at=results.now(), status="finished")
+    results.write_json_atomic(run_dir / results.RUN_MANIFEST, manifest)
+    return outcomes

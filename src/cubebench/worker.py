@@ -1,0 +1,235 @@
+"""Runs one case in its own process: `python -m cubebench.worker SPEC.json`.
+
+The runner starts one worker per case, so a crash, a hang or a leak costs only that case, and
+no framework state (threads, CUDA contexts, TensorFlow's graph) leaks from one case into the
+next. The worker writes the case's result file itself (atomically), also when the case
+raises; stdout carries one JSON progress event per line for the runner's progress bars.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cubebench import results
+from cubebench.case import Case, Context
+from cubebench.metrics import RegressionMetrics
+
+
+def emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def _cuda_present() -> bool:
+    if not shutil.which("nvidia-smi"):
+        return False
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def resolve_device(requested: str, devices: tuple[str, ...]) -> str:
+    if requested == "auto":
+        return "cuda" if "cuda" in devices and _cuda_present() else "cpu"
+    if requested not in devices:
+        raise RuntimeError(f"runs on {', '.join(devices)} only, not {requested}")
+    return requested
+
+
+def evaluate(case: Case, context: Context) -> tuple[dict, float, int]:
+    """Every predictor of the case on its eval part, in physical units.
+
+    Returns (metrics of the first predictor + `by_predictor`, seconds the first predictor
+    took, samples). Predictions are denormalised with the train-only statistics.
+    """
+    task = context.task
+    mean, std = task.target_mean, task.target_std
+    by_predictor: dict[str, dict] = {}
+    first_seconds = 0.0
+    n = 0
+    for i, (name, predict) in enumerate(case.predictors().items()):
+        stream = context.stream(case.eval_part, shuffle=False)
+        metrics = RegressionMetrics()
+        seconds = 0.0
+        for x, y in stream.batches(0):
+            start = time.perf_counter()
+            y_hat = np.asarray(predict(x), np.float64).reshape(-1)
+            seconds += time.perf_counter() - start
+            metrics.update(y * std + mean, y_hat * std + mean)
+        by_predictor[name] = metrics.result(task.noise_floor)
+        if i == 0:
+            first_seconds, n = seconds, metrics.n
+    first = next(iter(by_predictor.values()))
+    rmse = {name: m["rmse"] for name, m in by_predictor.items()}
+    return (
+        {
+            **first,
+            "units": task.target_units,
+            "eval_part": case.eval_part,
+            "by_predictor": by_predictor,
+            **case.extra_metrics(rmse),
+        },
+        first_seconds,
+        n,
+    )
+
+
+def _library_version(name: str) -> str | None:
+    from importlib import metadata
+
+    for candidate in (name, f"{name}-cpu"):  # tensorflow-cpu provides tensorflow
+        try:
+            return metadata.version(candidate)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _gpu_peak_mb(device: str) -> float | None:
+    if device != "cuda" or "torch" not in sys.modules:
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def run(spec: dict) -> dict:
+    """Run the case described by `spec` (written by the runner); return its result."""
+    from cubebench.cube import open_cube
+    from cubebench.runner import load_case_class
+    from cubebench.task import get_task, prepare_task
+
+    started = time.perf_counter()
+    seed, threads = int(spec["seed"]), int(spec["threads"])
+    random.seed(seed)
+    np.random.seed(seed)
+    cls = load_case_class(Path(spec["case_path"]))
+    params = {**cls.parameters, **spec.get("params", {})}
+    result: dict[str, Any] = {
+        "schema_version": results.SCHEMA_VERSION,
+        "run_id": spec["run_id"],
+        "case": cls.name,
+        "library": cls.library,
+        "library_version": _library_version(cls.library),
+        "task": cls.task,
+        "status": "failed",
+        "reason": None,
+        "device": "cpu",
+        "params": params,
+        "seed": seed,
+        "threads": threads,
+        "started_at": results.now(),
+        "metrics": None,
+        "timing": {"warmup_s": None, "fit_s": None, "predict_s": None, "total_s": None},
+        "throughput": {
+            "train_samples_per_s": None,
+            "predict_samples_per_s": None,
+            "train_samples": None,
+        },
+        "loading": {"stall_fraction": None, "read_amplification": None},
+        "memory": {"peak_rss_mb": None, "gpu_peak_mb": None},
+        "epochs": [],
+        "cube": {"spec": spec["cube"], "fingerprint": None, "chunk_shape": None},
+        "environment": spec["environment"],
+    }
+    try:
+        result["device"] = device = resolve_device(spec["device"], cls.devices)
+        emit("phase", phase="preparing the task")
+        cube = open_cube(spec["cube"], spec.get("storage_options"))
+        task = prepare_task(get_task(cls.task), cube)  # the split is part of the task
+        result["cube"].update(fingerprint=task.fingerprint, chunk_shape=list(task.chunk_shape))
+        result["timing"]["prepare_s"] = round(time.perf_counter() - started, 3)
+
+        def on_epoch(record, of):
+            emit("epoch", epoch=record.epoch, of=of, train_loss=record.train_loss)
+
+        context = Context(
+            task,
+            params,
+            device=device,
+            seed=seed,
+            threads=threads,
+            tensorboard_dir=spec.get("tensorboard_dir"),
+            on_epoch=on_epoch,
+        )
+        case = cls(context)
+        emit("phase", phase="setting up")
+        start = time.perf_counter()
+        case.setup()
+        warmup = time.perf_counter() - start
+        emit("phase", phase="training")
+        start = time.perf_counter()
+        case.fit()
+        fit = time.perf_counter() - start
+        emit("phase", phase="evaluating")
+        metrics, predict_seconds, n_eval = evaluate(case, context)
+        loading = context.loading()
+        train_samples = context.train_samples or sum(e.samples for e in context.epochs) or None
+        result.update(
+            status="ok",
+            metrics=metrics,
+            epochs=[
+                {k: v for k, v in asdict(e).items() if k != "extra"} | e.extra
+                for e in context.epochs
+            ],
+        )
+        result["timing"].update(
+            warmup_s=round(warmup, 4), fit_s=round(fit, 4), predict_s=round(predict_seconds, 4)
+        )
+        result["throughput"].update(
+            train_samples=train_samples,
+            train_samples_per_s=train_samples / fit if train_samples and fit else None,
+            predict_samples_per_s=n_eval / predict_seconds if predict_seconds else None,
+        )
+        used_streams = bool(context.train_streams)
+        result["loading"] = {
+            "stall_fraction": min(1.0, context.stall_seconds / fit) if used_streams else None,
+            "stall_method": (
+                ("estimated" if context.stall_estimated else "measured") if used_streams else None
+            ),
+            "read_amplification": loading.read_amplification if loading.bytes_needed else None,
+            "chunks_decoded": loading.chunks_decoded,
+            "bytes_read": loading.bytes_read,
+            "bytes_decoded": loading.bytes_decoded,
+            "decode_s": round(loading.decode_seconds, 4),
+            "time_to_first_batch_s": loading.time_to_first_batch_s,
+        }
+    except Exception as error:  # the case failed: say why in one line, keep the traceback
+        traceback.print_exc(file=sys.stderr)
+        result["reason"] = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+    result["memory"] = {
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "gpu_peak_mb": _gpu_peak_mb(result["device"]),
+    }
+    result["timing"]["total_s"] = round(time.perf_counter() - started, 3)
+    result["finished_at"] = results.now()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(argv[0]).read_text())
+    result = run(spec)
+    results.validate(result)
+    results.write_json_atomic(Path(spec["result_path"]), result)
+    emit("done", status=result["status"], reason=result["reason"])
+    return 0 if result["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
