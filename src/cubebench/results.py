@@ -44,6 +44,7 @@ PACKAGES = (
 )
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
     "MKL_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
     "NUMBA_NUM_THREADS",
@@ -159,8 +160,9 @@ def _gpu() -> dict | None:
     return {"count": len(rows), "name": rows[0][0], "driver": rows[0][1], "memory": rows[0][2]}
 
 
-def environment_manifest(threads: int, seed: int) -> dict:
-    """Everything that can change the numbers, recorded once per run."""
+def environment_manifest(threads: int, seed: int, env: dict[str, str] | None = None) -> dict:
+    """Everything that can change the numbers, recorded once per run (`env`: the workers')."""
+    env = os.environ if env is None else env
     return {
         "python": sys.version.split()[0],
         "implementation": platform.python_implementation(),
@@ -168,7 +170,7 @@ def environment_manifest(threads: int, seed: int) -> dict:
         "packages": {name: v for name in PACKAGES if (v := _version(name))},
         "cpu": {"model": _cpu_model(), "count": os.cpu_count()},
         "gpu": _gpu(),
-        "threads": {"per_case": threads, **{v: os.environ.get(v) for v in THREAD_VARIABLES}},
+        "threads": {"per_case": threads, **{v: env.get(v) for v in THREAD_VARIABLES}},
         "seed": seed,
         "git_sha": _git_sha(),
         "image": {

@@ -1,0 +1,61 @@
+"""Shared model code of the framework cases: `cubebench.models.torch` and
+`cubebench.models.keras` build the same MLP (the fairness twins). This module stays
+framework-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cubebench.case import Context
+
+
+@dataclass(frozen=True)
+class EpochLoss:
+    """One epoch of a training loop on in-memory arrays (fine-tuning), before logging."""
+
+    train_loss: float
+    val_loss: float | None
+    seconds: float
+    samples: int
+
+
+def log_grouped(
+    context: Context,
+    history: list[EpochLoss],
+    *,
+    first_epoch: int,
+    records: int = 10,
+    **extra: float,
+) -> int:
+    """Log a long run of short epochs as at most `records` epoch records, so that loss plots
+    stay readable: each record has the sample-weighted mean training loss of its epochs, the
+    validation loss after its last epoch, and their summed seconds and samples. The record
+    also carries `epochs`, how many epochs it covers. Returns the next free epoch index."""
+    if not history:
+        return first_epoch
+    per = -(-len(history) // max(1, records))
+    groups = [history[i : i + per] for i in range(0, len(history), per)]
+    for k, group in enumerate(groups):
+        samples = sum(e.samples for e in group)
+        train = sum(e.train_loss * e.samples for e in group) / max(samples, 1)
+        context.log_epoch(
+            first_epoch + k,
+            train,
+            group[-1].val_loss,
+            seconds=sum(e.seconds for e in group),
+            samples=samples,
+            of=first_epoch + len(groups),
+            epochs=float(len(group)),
+            **extra,
+        )
+    return first_epoch + len(groups)
+
+
+def hidden_widths(value) -> tuple[int, ...]:
+    """The `hidden` parameter as a tuple of widths: a list, a tuple or a string `"64,64"`."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v]
+    widths = tuple(int(v) for v in value)
+    if not widths or min(widths) < 1:
+        raise ValueError(f"hidden must be positive layer widths, got {value!r}")
+    return widths
