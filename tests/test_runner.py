@@ -202,3 +202,17 @@ def test_case_files_are_plain_python(tmp_path):
     (tmp_path / "mean.py").write_text(MEAN_CASE)
     (tmp_path / "_helpers.py").write_text("raise RuntimeError('not a case')")
     assert list(discover(Path(tmp_path))) == ["mean"]
+
+
+def test_a_broken_case_file_is_one_line(tmp_path):
+    (tmp_path / "broken.py").write_text("import numpy as np\nclass Case(:\n")
+    proc = _cli("list", "--cases-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("cubebench: error: case file ")
+    assert "SyntaxError" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_case_named_twice_runs_once():
+    from cubebench.runner import select
+
+    assert select({"a": None, "b": None}, "a, b,a") == ["a", "b"]

@@ -32,6 +32,22 @@ def _storage_options(pairs: list[str]) -> dict | None:
     return options
 
 
+def _positive(kind):
+    """An argparse type: a number of `kind` greater than zero."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def _add_cube_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cube",
@@ -118,6 +134,8 @@ def _cmd_bench_loader(args: argparse.Namespace) -> int:
     options = _storage_options(args.storage_option)
     cube = open_cube(args.cube, storage_options=options)
     task = prepare_task(get_task(args.task), cube)
+    if args.part not in task.blocks:
+        raise CubebenchError(f"unknown part {args.part!r}; parts: {', '.join(task.blocks)}")
     row = bench_loader(
         task,
         part=args.part,
@@ -261,11 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cube_args(p)
     p.add_argument("--task", default="lst-from-t2m")
     p.add_argument("--part", default="train")
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=_positive(int), default=4096)
     p.add_argument("--adapter", choices=("numpy", "torch", "tf"), default="numpy")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2, help="decode threads")
-    p.add_argument("--buffer-chunks", type=int, default=8, help="shuffle buffer, in chunks")
+    p.add_argument("--epochs", type=_positive(int), default=1)
+    p.add_argument("--threads", type=_positive(int), default=2, help="decode threads")
+    p.add_argument(
+        "--buffer-chunks", type=_positive(int), default=8, help="shuffle buffer, in chunks"
+    )
     p.add_argument("--workers", type=int, default=0, help="torch DataLoader workers")
     p.add_argument("--reader", help="chunk reader (default: the fastest available)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
@@ -281,10 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default="all", help="comma-separated case names, or all")
     p.add_argument("--cases-dir", type=Path, help="where case files live (default: cases/)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    p.add_argument("--epochs", type=int, help="override every case's epochs")
+    p.add_argument("--epochs", type=_positive(int), help="override every case's epochs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="threads per case (default: the CPU count)")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
+    p.add_argument(
+        "--threads", type=_positive(int), help="threads per case (default: the CPU count)"
+    )
+    p.add_argument("--timeout", type=_positive(float), default=1800.0, help="seconds per case")
     p.add_argument("--run-id", help="name of the run (default: date-time-random)")
     p.add_argument("--out", type=Path, default=Path("results"), help="results root")
     p.set_defaults(func=_cmd_run)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
@@ -44,7 +45,7 @@ class SuiteProgress:
             self.bars.update(self.case_bar, completed=event["epoch"] + 1, total=total, note=note)
         elif kind == "end":
             status = event.get("status")
-            note = "ok" if status == "ok" else f"[red]failed: {event.get('reason')}"
+            note = "ok" if status == "ok" else f"[red]failed: {escape(str(event.get('reason')))}"
             if self.case_bar is not None:
                 self.bars.update(self.case_bar, note=note)
                 self.bars.stop_task(self.case_bar)

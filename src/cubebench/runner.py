@@ -7,6 +7,7 @@ signal (OOM killer, SIGKILL) becomes a failed result with the reason, and the su
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -51,7 +52,11 @@ def load_case_class(path: Path) -> type[Case]:
         raise CubebenchError(f"cannot import case file {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # a broken case file is a user mistake: one line, no traceback
+        del sys.modules[name]
+        raise CubebenchError(f"case file {path}: {type(error).__name__}: {error}") from None
     cls = getattr(module, "Case", None)
     if not (isinstance(cls, type) and issubclass(cls, Case)) or not getattr(cls, "name", None):
         raise CubebenchError(f"{path} defines no `Case` class with a name")
@@ -78,7 +83,7 @@ def discover(cases_dir: Path | None = None) -> dict[str, tuple[Path, type[Case]]
 def select(available: dict, wanted: str) -> list[str]:
     if wanted == "all":
         return list(available)
-    names = [n.strip() for n in wanted.split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip() for n in wanted.split(",") if n.strip()))
     unknown = [n for n in names if n not in available]
     if unknown:
         raise CubebenchError(f"unknown case(s) {unknown}; known: {', '.join(available)}")
@@ -104,9 +109,12 @@ Progress = Callable[[str, dict[str, Any]], None]  # (case, worker event) -> None
 
 def _reason_from_exit(returncode: int, stderr_tail: str) -> str:
     if returncode < 0:
-        sig = signal.Signals(-returncode)
-        hint = " (out of memory?)" if sig == signal.SIGKILL else ""
-        return f"killed by {sig.name}{hint}"
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:  # a real-time signal
+            name = f"signal {-returncode}"
+        hint = " (out of memory?)" if -returncode == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
     last = stderr_tail.strip().splitlines()[-1] if stderr_tail.strip() else "no output"
     return f"worker exited with code {returncode}: {last[:300]}"
 
@@ -152,28 +160,40 @@ def run_case(
         )
         reader = threading.Thread(target=_read_events, args=(proc, name, progress), daemon=True)
         reader.start()
+        timed_out = False
         try:
             returncode = proc.wait(timeout=timeout)
-            timed_out = False
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            returncode = proc.wait()
             timed_out = True
+            _kill_group(proc)
+            returncode = proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM of the runner: the case goes with it
+            _kill_group(proc)
+            proc.wait()
+            raise
+        _kill_group(proc)  # whatever the case started and left behind
         reader.join(timeout=5)
     seconds = time.perf_counter() - start
     result_path = Path(spec["result_path"])
-    if timed_out:
-        reason = f"timed out after {timeout:g} s"
-    elif result_path.exists() and returncode in (0, 1):
+    if result_path.exists():  # the run dir is new: only this worker wrote it, atomically
         written = json.loads(result_path.read_text())
         return CaseOutcome(name, written["status"], written["reason"], seconds)
+    if timed_out:
+        reason = f"timed out after {timeout:g} s"
     else:
         reason = _reason_from_exit(returncode, _tail(log_path))
     results.write_json_atomic(result_path, failed_result(spec, reason, seconds))
     return CaseOutcome(name, "failed", reason, seconds)
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _read_events(proc: subprocess.Popen, case: str, progress: Progress | None) -> None:
+    """Forward the worker's events; keep draining its stdout whatever happens (a full pipe
+    would block the worker)."""
     assert proc.stdout is not None
     for line in proc.stdout:
         try:
@@ -181,7 +201,10 @@ def _read_events(proc: subprocess.Popen, case: str, progress: Progress | None) -
         except json.JSONDecodeError:
             continue  # a library printed to stdout: not ours
         if progress and isinstance(event, dict):
-            progress(case, event)
+            try:
+                progress(case, event)
+            except Exception:  # a display problem must not stop the case
+                progress = None
 
 
 def failed_result(spec: dict, reason: str, seconds: float) -> dict:

@@ -22,7 +22,8 @@ from cubebench.task import PreparedTask
 
 
 class RawDecode:
-    """The bare minimum a loader must do: read every chunk, mask NaNs, extract the pairs."""
+    """The bare minimum a loader must do: read every chunk, mask invalid and unselected
+    pixels, extract the pairs."""
 
     def __init__(self, stream: ChunkStream, reader: ChunkReader):
         self.stream = stream
@@ -36,6 +37,10 @@ class RawDecode:
         valid = np.isfinite(arrays[0])
         for a in arrays[1:]:
             valid &= np.isfinite(a)
+        sel = self.stream.task.selections[self.stream.part]  # the part's region and time
+        st, sy, sx = (mask[w] for mask, w in zip((sel.time, sel.lat, sel.lon), window))
+        if not (st.all() and sy.all() and sx.all()):
+            valid &= st[:, None, None] & sy[None, :, None] & sx[None, None, :]
         pairs = [a[valid] for a in arrays]  # the masked pairs, as a loader must extract them
         return len(pairs[-1])
 
