@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cubebench.case import Case as Base
+from cubebench.models import MLP_PARAMETERS
 
 
 class Case(Base):
@@ -21,21 +22,13 @@ class Case(Base):
     library = "keras"
     task = "lst-from-t2m"
     devices = ("cpu", "cuda")
-    parameters: ClassVar[dict[str, Any]] = {
-        "epochs": 6,
-        "batch_size": 2048,
-        "hidden": [64, 64],
-        "activation": "relu",
-        "learning_rate": 3e-3,
-        "min_lr_fraction": 0.0,  # cosine decay per step from learning_rate to this fraction
-        "val_batch_size": 65536,
-    }
+    parameters: ClassVar[dict[str, Any]] = MLP_PARAMETERS
 
     def setup(self) -> None:
         from cubebench.models import hidden_widths
         from cubebench.models import keras as km
 
-        p = self.p = {**self.parameters, **self.params}
+        p = self.params
         km.seed_and_threads(self.context.seed, self.context.threads)
         n_features = len(self.context.task.spec.features)
         with km.device_scope(self.context.device):
@@ -46,7 +39,7 @@ class Case(Base):
     def fit(self) -> None:
         from cubebench.models import keras as km
 
-        p, context = self.p, self.context
+        p, context = self.params, self.context
         with km.device_scope(context.device):
             km.fit_stream(
                 self.model,

@@ -39,7 +39,7 @@ class Case(Base):
     def setup(self) -> None:
         from sklearn.ensemble import HistGradientBoostingRegressor
 
-        p = self.p = {**self.parameters, **self.params}
+        p = self.params
         self.model = HistGradientBoostingRegressor(
             loss="squared_error",
             learning_rate=float(p["learning_rate"]),
@@ -56,7 +56,7 @@ class Case(Base):
     def fit(self) -> None:
         from threadpoolctl import threadpool_limits
 
-        p, context = self.p, self.context
+        p, context = self.params, self.context
         x, y = context.materialize("train", int(p["max_samples"]))
         xv, yv = context.materialize("val", int(p["max_val_samples"]))
         start = time.perf_counter()

@@ -36,7 +36,7 @@ class Case(Base):
     def setup(self) -> None:
         from sklearn.linear_model import SGDRegressor
 
-        p = self.p = {**self.parameters, **self.params}
+        p = self.params
         self.model = SGDRegressor(
             loss="squared_error",
             penalty="l2",
@@ -49,7 +49,7 @@ class Case(Base):
         )
 
     def fit(self) -> None:
-        p, context = self.p, self.context
+        p, context = self.params, self.context
         epochs = int(p["epochs"])
         train = context.stream("train")
         val = context.stream("val", shuffle=False, batch_size=int(p["val_batch_size"]))

@@ -1,7 +1,7 @@
 """PyTorch MLP on the streamed batches: one half of the fairness twins (see `keras_mlp.py`).
 
 The model, optimiser and loops live in `cubebench.models.torch`; `keras-mlp` trains the same
-model with the same hyperparameters (keep the two `parameters` dicts equal).
+model with the same hyperparameters (both read `cubebench.models.MLP_PARAMETERS`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cubebench.case import Case as Base
+from cubebench.models import MLP_PARAMETERS
 
 
 class Case(Base):
@@ -18,21 +19,13 @@ class Case(Base):
     library = "torch"
     task = "lst-from-t2m"
     devices = ("cpu", "cuda")
-    parameters: ClassVar[dict[str, Any]] = {
-        "epochs": 6,
-        "batch_size": 2048,
-        "hidden": [64, 64],
-        "activation": "relu",
-        "learning_rate": 3e-3,
-        "min_lr_fraction": 0.0,  # cosine decay per step from learning_rate to this fraction
-        "val_batch_size": 65536,
-    }
+    parameters: ClassVar[dict[str, Any]] = MLP_PARAMETERS
 
     def setup(self) -> None:
         from cubebench.models import hidden_widths
         from cubebench.models import torch as tm
 
-        p = self.p = {**self.parameters, **self.params}
+        p = self.params
         tm.seed_and_threads(self.context.seed, self.context.threads)
         n_features = len(self.context.task.spec.features)
         self.model = tm.build_mlp(
@@ -42,7 +35,7 @@ class Case(Base):
     def fit(self) -> None:
         from cubebench.models import torch as tm
 
-        p, context = self.p, self.context
+        p, context = self.params, self.context
         tm.fit_stream(
             self.model,
             context,

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cubebench.case import Case as Base
+from cubebench.models import TRANSFER_PARAMETERS
 
 FINETUNE_RECORDS = 10
 
@@ -33,26 +34,13 @@ class Case(Base):
     task = "lst-from-t2m-transfer"
     eval_part = "target_test"
     devices = ("cpu", "cuda")
-    parameters: ClassVar[dict[str, Any]] = {
-        "epochs": 6,  # pretraining epochs on the source region
-        "batch_size": 2048,
-        "hidden": [64, 64],
-        "activation": "relu",
-        "learning_rate": 3e-3,
-        "min_lr_fraction": 0.0,
-        "val_batch_size": 65536,
-        "target_fraction": 0.01,  # labelled share of the target's training part
-        "freeze_layers": 0,  # dense layers frozen during fine-tuning, from the input
-        "finetune_epochs": 50,  # also the scratch model's budget
-        "finetune_batch_size": 128,
-        "finetune_learning_rate": 1e-3,
-    }
+    parameters: ClassVar[dict[str, Any]] = TRANSFER_PARAMETERS
 
     def setup(self) -> None:
         from cubebench.models import hidden_widths
         from cubebench.models import torch as tm
 
-        p = self.p = {**self.parameters, **self.params}
+        p = self.params
         tm.seed_and_threads(self.context.seed, self.context.threads)
         self.hidden = hidden_widths(p["hidden"])
         self.n_features = len(self.context.task.spec.features)
@@ -67,7 +55,7 @@ class Case(Base):
         from cubebench.models import log_grouped
         from cubebench.models import torch as tm
 
-        p, context, task = self.p, self.context, self.context.task
+        p, context, task = self.params, self.context, self.context.task
         epochs = int(p["epochs"])
         # 1. pretrain on the source region
         train = context.stream("train")

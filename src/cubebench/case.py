@@ -149,7 +149,8 @@ class Case:
 
     def __init__(self, context: Context):
         self.context = context
-        self.params = context.params
+        # the defaults under the overrides; the context (batch size of its streams) sees the same
+        context.params = self.params = {**self.parameters, **context.params}
 
     def setup(self) -> None:
         """Build the model; seeds and threads are already set. Timed as warm-up."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cubebench.errors import CubebenchError
-from cubebench.results import ENVIRONMENT, RUN_MANIFEST, load_run
+from cubebench.results import ENVIRONMENT, PACKAGES, RUN_MANIFEST, load_run
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -37,21 +37,6 @@ PLOTS = (ACCURACY_PNG, LOADING_PNG, LOSS_PNG)
 MISSING = "—"
 ESTIMATED_MARK = "~"  # prefix of a stall % that was estimated, not measured
 REASON_WIDTH = 80
-# packages whose versions the environment section lists, when the run recorded them
-KEY_PACKAGES = (
-    "cubebench",
-    "numpy",
-    "zarr",
-    "xarray",
-    "dask",
-    "tensorstore",
-    "numba",
-    "scikit-learn",
-    "torch",
-    "tensorflow",
-    "tensorflow-cpu",
-    "keras",
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,7 +260,7 @@ def _environment_facts(env: dict | None) -> list[tuple[str, str]]:
     if threads:
         facts.append(("threads per case", str(threads)))
     packages = env.get("packages") if isinstance(env.get("packages"), dict) else {}
-    listed = [f"{name} {packages[name]}" for name in KEY_PACKAGES if packages.get(name)]
+    listed = [f"{name} {packages[name]}" for name in PACKAGES if packages.get(name)]
     if listed:
         facts.append(("packages", ", ".join(listed)))
     if env.get("platform"):

@@ -5,8 +5,28 @@ framework-free."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from cubebench.case import Context
+
+# The fairness twins train with the same hyperparameters: both read them from here.
+MLP_PARAMETERS: dict[str, Any] = {
+    "epochs": 6,
+    "batch_size": 2048,
+    "hidden": [64, 64],
+    "activation": "relu",
+    "learning_rate": 3e-3,
+    "min_lr_fraction": 0.0,  # cosine decay per step from learning_rate to this fraction
+    "val_batch_size": 65536,
+}
+TRANSFER_PARAMETERS: dict[str, Any] = {
+    **MLP_PARAMETERS,  # epochs: pretraining epochs on the source region
+    "target_fraction": 0.01,  # labelled share of the target's training part
+    "freeze_layers": 0,  # dense layers frozen during fine-tuning, from the input
+    "finetune_epochs": 50,  # also the scratch model's budget
+    "finetune_batch_size": 128,
+    "finetune_learning_rate": 1e-3,
+}
 
 
 @dataclass(frozen=True)
