@@ -14,7 +14,7 @@ PYTHON = "3.11"
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The test suite, against real servers (S3 emulator, dask cluster) on loopback."""
-    session.install("-e", ".[dev,sklearn,torch,tf]")
+    session.install("-e", ".[dev,sklearn,torch,tf,track]")
     session.run("pytest", *session.posargs)
 
 
@@ -31,6 +31,6 @@ def bench(session: nox.Session) -> None:
     """The main job in a local venv: every case on the embedded synthetic cube, then the
     report. Arguments after `--` go to `cubebench run`, e.g.
     `nox -s bench -- --cube synthetic:tiny --epochs 1 --cases torch-mlp,keras-mlp`."""
-    session.install("-e", ".[sklearn,torch,tf]")
+    session.install("-e", ".[sklearn,torch,tf,track]")
     args = session.posargs or ["--cube", "synthetic:small"]
     session.run("cubebench", "run", *args)

@@ -12,6 +12,7 @@ top of a case file: listing the cases must not load TensorFlow.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import numpy as np
 
 from cubebench.loading.stream import ChunkStream, LoadStats, materialize
 from cubebench.task import PreparedTask
+from cubebench.tensorboard import ScalarWriter
 
 Predict = Callable[[np.ndarray], np.ndarray]  # normalised X[B, F] -> normalised y_hat[B]
 
@@ -62,6 +64,7 @@ class Context:
         self.stall_estimated = False
         self.train_samples: int | None = None  # set by cases that log no epochs (in-memory)
         self._on_epoch = on_epoch
+        self._tensorboard: ScalarWriter | None = None
 
     @property
     def batch_size(self) -> int:
@@ -112,8 +115,39 @@ class Context:
             {k: float(v) for k, v in extra.items()},
         )
         self.epochs.append(record)
+        self._write_tensorboard(record)
         if self._on_epoch:
             self._on_epoch(record, of)
+
+    def _write_tensorboard(self, record: EpochRecord) -> None:
+        """Loss curves, learning rate and samples/s into `tensorboard_dir` (if one is set)."""
+        if not self.tensorboard_dir:
+            return
+        if self._tensorboard is None:
+            try:
+                self._tensorboard = ScalarWriter(self.tensorboard_dir)
+            except ImportError:
+                print("warning: tensorboard is not installed: no event files", file=sys.stderr)
+                self.tensorboard_dir = None
+                return
+        extra = dict(record.extra)
+        self._tensorboard.add_scalars(
+            record.epoch,
+            {
+                "loss/train": record.train_loss,
+                "loss/val": record.val_loss,
+                "learning_rate": extra.pop("lr", None),
+                "samples_per_s": record.samples / record.seconds if record.seconds else None,
+                "epoch_seconds": record.seconds,
+                **{f"extra/{name}": value for name, value in extra.items()},
+            },
+        )
+
+    def close(self) -> None:
+        """Flush what the case logged (the worker calls this when the case ends)."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
     def loading(self) -> LoadStats:
         """The summed loading costs of every training stream."""

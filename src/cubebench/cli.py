@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from cubebench.errors import CubebenchError
+from cubebench.redact import scrub
 
 EXIT_USER_ERROR = 2
 
@@ -182,13 +183,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from cubebench.progress import SuiteProgress
     from cubebench.report import write_report
     from cubebench.runner import claim_run_dir, discover, run_suite, select
+    from cubebench.tracking import SuiteTracker
 
     available = discover(args.cases_dir)
     cases = select(available, args.cases)
     options = _storage_options(args.storage_option)
     open_cube(args.cube, storage_options=options)  # a bad cube fails here, and is made once
     run_dir = claim_run_dir(args.out, args.run_id)
+    tracker = None if args.no_tracking else SuiteTracker(run_dir, args.experiment)
     with SuiteProgress(cases) as progress:
+        if tracker:
+            tracker.warn = progress.warn
         outcomes = run_suite(
             cube=args.cube,
             cases=cases,
@@ -201,14 +206,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             storage_options=options,
             progress=progress,
+            tracker=tracker,
         )
     paths = write_report(run_dir)
+    if tracker:
+        tracker.suite_finished()
     failed = [o for o in outcomes if o.status != "ok"]
     print(f"results: {run_dir}")
     print(f"report:  {next((p for p in paths if p.suffix == '.md'), run_dir)}")
+    if tracker and tracker.online:
+        print(f"mlflow:  {scrub(tracker.store.uri)} (run {tracker.parent})")
+    elif tracker:
+        pending = len(cases) - len(tracker.synced)
+        print(
+            f"warning: mlflow is offline ({tracker.offline_reason}); {pending} of {len(cases)} "
+            f"cases are only on disk: push them with `cubebench sync {run_dir}`",
+            file=sys.stderr,
+        )
     for outcome in failed:
         print(f"failed:  {outcome.case}: {outcome.reason}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from cubebench.tracking import sync
+
+    summary = sync(args.run_dir, args.experiment)
+    print(
+        f"mlflow {scrub(summary.uri)}: pushed {len(summary.pushed)} case(s)"
+        + (f" ({', '.join(summary.pushed)})" if summary.pushed else "")
+        + f", {len(summary.already)} already there"
+        + (", suite run completed" if summary.suite_pushed else "")
+    )
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -309,7 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive(float), default=1800.0, help="seconds per case")
     p.add_argument("--run-id", help="name of the run (default: date-time-random)")
     p.add_argument("--out", type=Path, default=Path("results"), help="results root")
+    p.add_argument("--experiment", default="cubebench", help="mlflow experiment name")
+    p.add_argument(
+        "--no-tracking", action="store_true", help="results on disk only (sync them later)"
+    )
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "sync",
+        help="push a run's results to mlflow (MLFLOW_TRACKING_URI, else the results "
+        "directory's sqlite store); runs already there are skipped",
+    )
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--experiment", default="cubebench", help="mlflow experiment name")
+    p.set_defaults(func=_cmd_sync)
 
     p = sub.add_parser("report", help="write report.md, report.html and plots for a run")
     p.add_argument("run_dir", type=Path)

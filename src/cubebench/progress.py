@@ -32,6 +32,10 @@ class SuiteProgress:
     def __exit__(self, *exc) -> None:
         self.bars.__exit__(*exc)
 
+    def warn(self, message: str) -> None:
+        """One line above the bars (stderr)."""
+        self.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
     def __call__(self, case: str, event: dict[str, Any]) -> None:
         kind = event.get("event")
         if kind == "start":

@@ -195,12 +195,17 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     for path in sorted(run_dir.glob("*.json")):
         if path.name in NOT_RESULTS:
             continue
-        result = _read_json(path)
-        validate(result, path)
-        results.append(result)
+        results.append(load_result(path))
     order = {name: i for i, name in enumerate(manifest.get("cases", []))}
     results.sort(key=lambda r: (order.get(r["case"], len(order)), r["case"]))
     return manifest, results
+
+
+def load_result(path: Path) -> dict:
+    """One case's result file, validated."""
+    result = _read_json(Path(path))
+    validate(result, path)
+    return result
 
 
 def _read_json(path: Path) -> dict:

@@ -26,6 +26,9 @@ from typing import Any
 from cubebench import results
 from cubebench.case import Case
 from cubebench.errors import CubebenchError
+from cubebench.redact import scrub
+from cubebench.tracking import SuiteTracker
+from cubebench.worker import STORAGE_OPTIONS_ENV
 
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS",
@@ -140,7 +143,11 @@ def worker_env(threads: int) -> dict[str, str]:
 
 
 def run_case(
-    spec: dict, run_dir: Path, timeout: float, progress: Progress | None = None
+    spec: dict,
+    run_dir: Path,
+    timeout: float,
+    progress: Progress | None = None,
+    storage_options: dict | None = None,
 ) -> CaseOutcome:
     """One case in a worker process; returns how it ended (the result file says the rest)."""
     name = spec["case"]
@@ -149,6 +156,8 @@ def run_case(
     log_path = run_dir / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = worker_env(spec["threads"])
+    if storage_options:
+        env[STORAGE_OPTIONS_ENV] = json.dumps(storage_options)
     start = time.perf_counter()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -229,7 +238,7 @@ def failed_result(spec: dict, reason: str, seconds: float) -> dict:
         "loading": {"stall_fraction": None, "read_amplification": None},
         "memory": {"peak_rss_mb": None},
         "epochs": [],
-        "cube": {"spec": spec["cube"], "fingerprint": None, "chunk_shape": None},
+        "cube": {"spec": scrub(spec["cube"]), "fingerprint": None, "chunk_shape": None},
         "environment": spec["environment"],
     }
     results.validate(result)
@@ -266,15 +275,19 @@ def run_suite(
     timeout: float = 1800.0,
     storage_options: dict | None = None,
     progress: Progress | None = None,
+    tracker: SuiteTracker | None = None,
 ) -> list[CaseOutcome]:
-    """Run `cases` one after another, each in its own worker, into `run_dir` (claimed)."""
+    """Run `cases` one after another, each in its own worker, into `run_dir` (claimed).
+
+    Each result is on disk before `tracker` (mlflow) sees it: tracking can fail, results not.
+    """
     run_id = run_dir.name
     threads = threads or min(os.cpu_count() or 1, 8)
     environment = results.environment_manifest(threads, seed, worker_env(threads))
     results.write_json_atomic(run_dir / results.ENVIRONMENT, environment)
     manifest = {
         "run_id": run_id,
-        "cube": cube,
+        "cube": scrub(cube),
         "cases": cases,
         "device": device,
         "epochs": epochs,
@@ -287,6 +300,8 @@ def run_suite(
         "outcomes": {},
     }
     results.write_json_atomic(run_dir / results.RUN_MANIFEST, manifest)
+    if tracker:
+        tracker.suite_started(manifest, environment)
     outcomes = []
     for name in cases:
         path, cls = available[name]
@@ -299,7 +314,6 @@ def run_suite(
             "task": cls.task,
             "params": {**cls.parameters, **params},
             "cube": cube,
-            "storage_options": storage_options,
             "device": device,
             "seed": seed,
             "threads": threads,
@@ -309,7 +323,11 @@ def run_suite(
         }
         if progress:
             progress(name, {"event": "start"})
-        outcome = run_case(spec, run_dir, timeout, progress)
+        if tracker:
+            tracker.case_started(run_id, name)
+        outcome = run_case(spec, run_dir, timeout, progress, storage_options)
+        if tracker:
+            tracker.case_finished(name, Path(spec["result_path"]))
         outcomes.append(outcome)
         if progress:
             progress(name, {"event": "end", "status": outcome.status, "reason": outcome.reason})

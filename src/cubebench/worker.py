@@ -26,6 +26,10 @@ import numpy as np
 from cubebench import results
 from cubebench.case import Case, Context
 from cubebench.metrics import RegressionMetrics
+from cubebench.redact import scrub
+
+# storage options travel in the environment, never in a file: they may hold credentials
+STORAGE_OPTIONS_ENV = "CUBEBENCH_STORAGE_OPTIONS"
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -143,13 +147,15 @@ def run(spec: dict) -> dict:
         "loading": {"stall_fraction": None, "read_amplification": None},
         "memory": {"peak_rss_mb": None, "gpu_peak_mb": None},
         "epochs": [],
-        "cube": {"spec": spec["cube"], "fingerprint": None, "chunk_shape": None},
+        "cube": {"spec": scrub(spec["cube"]), "fingerprint": None, "chunk_shape": None},
         "environment": spec["environment"],
     }
+    context: Context | None = None
     try:
         result["device"] = device = resolve_device(spec["device"], cls.devices)
         emit("phase", phase="preparing the task")
-        cube = open_cube(spec["cube"], spec.get("storage_options"))
+        storage_options = json.loads(os.environ.get(STORAGE_OPTIONS_ENV) or "null")
+        cube = open_cube(spec["cube"], storage_options)
         task = prepare_task(get_task(cls.task), cube)  # the split is part of the task
         result["cube"].update(fingerprint=task.fingerprint, chunk_shape=list(task.chunk_shape))
         result["timing"]["prepare_s"] = round(time.perf_counter() - started, 3)
@@ -209,8 +215,11 @@ def run(spec: dict) -> dict:
             "time_to_first_batch_s": loading.time_to_first_batch_s,
         }
     except Exception as error:  # the case failed: say why in one line, keep the traceback
-        traceback.print_exc(file=sys.stderr)
-        result["reason"] = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+        sys.stderr.write(scrub(traceback.format_exc()))  # the log keeps the traceback
+        result["reason"] = scrub(f"{type(error).__name__}: {error}".splitlines()[0][:500])
+    finally:
+        if context is not None:
+            context.close()  # the event files are complete before the result says so
     result["memory"] = {
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "gpu_peak_mb": _gpu_peak_mb(result["device"]),

@@ -176,6 +176,7 @@ class EpochLog(keras.callbacks.Callback):
                 seconds=seconds,
                 samples=self.samples,
                 of=self.of,
+                lr=float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
             )
 
 

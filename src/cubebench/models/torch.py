@@ -188,6 +188,7 @@ def fit_stream(
             seconds=seconds,
             samples=samples,
             of=of or epochs,
+            lr=schedule.get_last_lr()[0],
         )
 
 

@@ -1,0 +1,420 @@
+"""Results to mlflow: one parent run per suite, one nested run per case. The run dir is the spool.
+
+Every result is on disk before anything goes to mlflow, so a tracking server that is down at
+the start or dies mid-suite costs nothing: the suite goes on offline, says so, and
+`cubebench sync RUN_DIR` pushes the missing runs later. Runs are found again by their tags
+(`cubebench.run_id`, `cubebench.case`), and a run is marked complete only after everything is
+logged, so sync is idempotent: a complete run is skipped, a half-logged one is replaced.
+
+Where: `MLFLOW_TRACKING_URI` when set; otherwise a sqlite store in the results directory
+(`mlflow.db`, artifacts in `mlartifacts/`), never the deprecated plain-folder store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cubebench import results
+from cubebench.errors import CubebenchError
+from cubebench.redact import scrub, scrub_tree
+
+EXPERIMENT = "cubebench"
+STORE_DB = "mlflow.db"
+STORE_ARTIFACTS = "mlartifacts"
+TAG_RUN_ID = "cubebench.run_id"
+TAG_CASE = "cubebench.case"
+TAG_ROLE = "cubebench.role"  # suite | case
+TAG_COMPLETE = "cubebench.complete"  # "true" once everything of the run is logged
+# A dead server must cost seconds, not mlflow's default of 7 retries with backoff (minutes).
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+SYSTEM_METRICS_INTERVAL_S = 2.0
+_BATCH = 500  # below mlflow's log_batch limits (1000 metrics, 100 params)
+
+Warn = Callable[[str], None]
+
+
+def store_uri(results_root: Path) -> str:
+    """`MLFLOW_TRACKING_URI`, else the sqlite store of this results directory."""
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    return f"sqlite:///{Path(results_root).resolve() / STORE_DB}"
+
+
+def _artifact_root(uri: str, results_root: Path) -> str | None:
+    """Artifacts beside a local sqlite store; a server decides for itself (None)."""
+    if uri.startswith("sqlite:"):
+        return (Path(results_root).resolve() / STORE_ARTIFACTS).as_uri()
+    return None
+
+
+def _client(uri: str):
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise CubebenchError("mlflow is not installed: pip install 'cubebench[track]'") from None
+    for noisy in ("mlflow", "urllib3", "alembic"):  # retries and monitors warn per attempt
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client, name: str, artifact_root: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root)
+    except Exception:  # another suite created it meanwhile
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _find_runs(client, experiment_id: str, run_id: str, role: str, case: str | None = None):
+    query = f"tags.`{TAG_RUN_ID}` = '{run_id}' and tags.`{TAG_ROLE}` = '{role}'"
+    if case is not None:
+        query += f" and tags.`{TAG_CASE}` = '{case}'"
+    return client.search_runs([experiment_id], filter_string=query, max_results=100)
+
+
+# --- what a run holds -------------------------------------------------------------------------
+
+
+def _numbers(tree: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted key, value) of every number in a JSON tree (booleans are not numbers)."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _numbers(value, f"{prefix}{key}.")
+    elif isinstance(tree, int | float) and not isinstance(tree, bool):
+        yield prefix.rstrip("."), float(tree)
+
+
+def case_params(result: dict) -> dict[str, str]:
+    """The case's hyperparameters and what it ran on, as mlflow params."""
+    cube = result["cube"]
+    params: dict[str, Any] = {
+        **result["params"],
+        "case": result["case"],
+        "library": result["library"],
+        "library_version": result["library_version"],
+        "device": result["device"],
+        "task": result["task"],
+        "cube": cube["spec"],
+        "cube_fingerprint": cube["fingerprint"],
+        "chunk_shape": cube["chunk_shape"],
+        "threads": result["threads"],
+        "seed": result["seed"],
+    }
+    return {k: str(v) for k, v in scrub_tree(params).items() if v is not None}
+
+
+def case_metrics(result: dict) -> dict[str, float]:
+    """Every number of the result (except its identity and inputs), keyed by its path; the
+    accuracy metrics keep their bare names (`rmse`, `by_predictor.scratch.rmse`)."""
+    out = dict(_numbers(result.get("metrics") or {}))
+    for section in ("timing", "throughput", "loading", "memory"):
+        out.update(_numbers(result.get(section) or {}, f"{section}."))
+    return out
+
+
+def epoch_metrics(result: dict) -> list[tuple[str, float, int]]:
+    """(key, value, step) of every number of every epoch record, step = epoch."""
+    rows = []
+    for record in result.get("epochs", []):
+        for key, value in _numbers({k: v for k, v in record.items() if k != "epoch"}):
+            rows.append((f"epoch.{key}", value, int(record["epoch"])))
+    return rows
+
+
+def _log(client, run_id: str, params=None, metrics=None, steps=None, tags=None) -> None:
+    """Params, metrics (step 0), per-step metrics and tags in a few `log_batch` calls."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.utils.time import get_current_time_millis
+
+    now = get_current_time_millis()
+    entities: list = [Param(k, v) for k, v in (params or {}).items()]
+    entities += [Metric(k, v, now, 0) for k, v in (metrics or {}).items()]
+    entities += [Metric(k, v, now, step) for k, v, step in steps or []]
+    entities += [RunTag(k, v) for k, v in (tags or {}).items()]
+    for start in range(0, len(entities), _BATCH):
+        chunk = entities[start : start + _BATCH]
+        client.log_batch(
+            run_id,
+            metrics=[e for e in chunk if isinstance(e, Metric)],
+            params=[e for e in chunk if isinstance(e, Param)],
+            tags=[e for e in chunk if isinstance(e, RunTag)],
+        )
+
+
+def _log_artifact_text(client, run_id: str, path: Path, artifact_path: str | None = None):
+    """Upload a text file with every secret masked (a copy; the file on disk is untouched)."""
+    text = scrub(path.read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / path.name
+        copy.write_text(text, encoding="utf-8")
+        client.log_artifact(run_id, str(copy), artifact_path)
+
+
+def suite_tags(manifest: dict, environment: dict) -> dict[str, str]:
+    image = environment.get("image") or {}
+    tags = {
+        TAG_RUN_ID: manifest["run_id"],
+        TAG_ROLE: "suite",
+        "mlflow.runName": manifest["run_id"],
+        "git_sha": environment.get("git_sha"),
+        "mlflow.source.git.commit": environment.get("git_sha"),
+        "host": socket.gethostname(),
+        "image_digest": image.get("digest"),
+        "lock_hash": image.get("lock_hash"),
+    }
+    return {k: scrub(str(v)) for k, v in tags.items() if v is not None}
+
+
+def suite_params(manifest: dict) -> dict[str, str]:
+    keys = ("cube", "cases", "device", "epochs", "seed", "threads", "timeout_s")
+    values = scrub_tree({k: manifest.get(k) for k in keys})
+    return {k: ",".join(v) if isinstance(v, list) else str(v) for k, v in values.items()}
+
+
+# --- pushing ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Store:
+    """An mlflow store and the experiment a results directory goes to."""
+
+    uri: str
+    experiment_id: str
+    client: Any
+
+    @classmethod
+    def open(cls, results_root: Path, experiment: str = EXPERIMENT) -> Store:
+        uri = store_uri(results_root)
+        client = _client(uri)
+        artifacts = _artifact_root(uri, results_root)
+        return cls(uri, _experiment_id(client, experiment, artifacts), client)
+
+    def parent(self, run_dir: Path, manifest: dict, environment: dict) -> str:
+        """The suite's parent run: found by its tags, else created."""
+        found = _find_runs(self.client, self.experiment_id, manifest["run_id"], "suite")
+        if found:
+            return found[0].info.run_id
+        run = self.client.create_run(self.experiment_id, tags=suite_tags(manifest, environment))
+        _log(self.client, run.info.run_id, params=suite_params(manifest))
+        return run.info.run_id
+
+    def start_case(self, parent: str, run_id: str, case: str) -> str:
+        """A fresh nested run for a case, replacing a half-logged one."""
+        for stale in _find_runs(self.client, self.experiment_id, run_id, "case", case):
+            self.client.delete_run(stale.info.run_id)
+        tags = {
+            "mlflow.parentRunId": parent,
+            "mlflow.runName": case,
+            TAG_RUN_ID: run_id,
+            TAG_CASE: case,
+            TAG_ROLE: "case",
+            TAG_COMPLETE: "false",
+        }
+        return self.client.create_run(self.experiment_id, tags=tags).info.run_id
+
+    def finish_case(self, mlflow_run: str, run_dir: Path, result: dict) -> None:
+        """Log the case's result into its run, then mark the run complete."""
+        client = self.client
+        tags = {"status": result["status"]}
+        if result.get("reason"):
+            tags["reason"] = scrub(result["reason"])
+        _log(
+            client,
+            mlflow_run,
+            params=case_params(result),
+            metrics=case_metrics(result),
+            steps=epoch_metrics(result),
+            tags=tags,
+        )
+        name = result["case"]
+        for path in (run_dir / f"{name}.json", run_dir / results.ENVIRONMENT):
+            if path.exists():
+                _log_artifact_text(client, mlflow_run, path)
+        tensorboard = run_dir / "tb" / name
+        if tensorboard.is_dir() and any(tensorboard.iterdir()):
+            client.log_artifacts(mlflow_run, str(tensorboard), "tensorboard")
+        client.set_tag(mlflow_run, TAG_COMPLETE, "true")
+        client.set_terminated(mlflow_run, "FINISHED" if result["status"] == "ok" else "FAILED")
+
+    def finish_suite(self, parent: str, run_dir: Path, manifest: dict) -> None:
+        """The run manifest and the report into the parent run; mark it complete."""
+        for name in (results.RUN_MANIFEST, results.ENVIRONMENT, "report.md", "report.html"):
+            if (run_dir / name).exists():
+                _log_artifact_text(self.client, parent, run_dir / name, "report")
+        for png in sorted(run_dir.glob("*.png")):
+            self.client.log_artifact(parent, str(png), "report")
+        failed = [c for c, o in manifest.get("outcomes", {}).items() if o.get("status") != "ok"]
+        self.client.set_tag(parent, TAG_COMPLETE, "true")
+        self.client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+
+    def complete_cases(self, run_id: str) -> set[str]:
+        runs = _find_runs(self.client, self.experiment_id, run_id, "case")
+        return {r.data.tags[TAG_CASE] for r in runs if r.data.tags.get(TAG_COMPLETE) == "true"}
+
+    def suite_complete(self, run_id: str) -> bool:
+        runs = _find_runs(self.client, self.experiment_id, run_id, "suite")
+        return any(r.data.tags.get(TAG_COMPLETE) == "true" for r in runs)
+
+
+@dataclass
+class SyncSummary:
+    uri: str
+    pushed: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    suite_pushed: bool = False
+
+
+def sync(run_dir: Path, experiment: str = EXPERIMENT) -> SyncSummary:
+    """Push every case of a run dir that the store does not hold complete; idempotent."""
+    run_dir = Path(run_dir)
+    manifest, case_results = results.load_run(run_dir)
+    environment = _read_environment(run_dir)
+    try:
+        store = Store.open(run_dir.parent, experiment)
+        parent = store.parent(run_dir, manifest, environment)
+        summary = SyncSummary(store.uri)
+        done = store.complete_cases(manifest["run_id"])
+        for result in case_results:
+            name = result["case"]
+            if name in done:
+                summary.already.append(name)
+                continue
+            mlflow_run = store.start_case(parent, manifest["run_id"], name)
+            store.finish_case(mlflow_run, run_dir, result)
+            summary.pushed.append(name)
+        if not store.suite_complete(manifest["run_id"]) and manifest.get("status") == "finished":
+            store.finish_suite(parent, run_dir, manifest)
+            summary.suite_pushed = True
+    except CubebenchError:
+        raise
+    except Exception as error:
+        where = scrub(store_uri(run_dir.parent))
+        raise CubebenchError(f"mlflow at {where}: {_one_line(error)}") from None
+    return summary
+
+
+def _read_environment(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / results.ENVIRONMENT).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _one_line(error: BaseException) -> str:
+    text = scrub(str(error)).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
+# --- during a suite ---------------------------------------------------------------------------
+
+
+class SuiteTracker:
+    """Tracks a suite while it runs; on the first mlflow failure it goes offline for the rest
+    of the suite (one warning), and the run dir keeps everything for `cubebench sync`."""
+
+    def __init__(self, run_dir: Path, experiment: str = EXPERIMENT, warn: Warn | None = None):
+        self.run_dir = Path(run_dir)
+        self.experiment = experiment
+        self.warn = warn or (lambda message: None)
+        self.store: Store | None = None
+        self.parent: str | None = None
+        self.case_runs: dict[str, str] = {}
+        self.synced: list[str] = []
+        self._monitor = None
+        self.offline_reason: str | None = None
+
+    @property
+    def online(self) -> bool:
+        return self.offline_reason is None
+
+    def _fail(self, error: BaseException) -> None:
+        self._stop_monitor()
+        if self.online:
+            self.offline_reason = _one_line(error)
+            where = scrub(store_uri(self.run_dir.parent))
+            self.warn(
+                f"mlflow at {where} failed ({self.offline_reason}); the suite goes on and its "
+                f"results stay in {self.run_dir}: push them later with "
+                f"`cubebench sync {self.run_dir}`"
+            )
+
+    def suite_started(self, manifest: dict, environment: dict) -> None:
+        try:
+            self.store = Store.open(self.run_dir.parent, self.experiment)
+            self.parent = self.store.parent(self.run_dir, manifest, environment)
+        except Exception as error:
+            self._fail(error)
+
+    def case_started(self, run_id: str, case: str) -> None:
+        if not self.online or self.store is None or self.parent is None:
+            return
+        try:
+            mlflow_run = self.store.start_case(self.parent, run_id, case)
+            self.case_runs[case] = mlflow_run
+            self._start_monitor(mlflow_run)
+        except Exception as error:
+            self._fail(error)
+
+    def case_finished(self, case: str, result_path: Path) -> None:
+        self._stop_monitor()
+        mlflow_run = self.case_runs.get(case)
+        if not self.online or self.store is None or mlflow_run is None:
+            return
+        try:
+            result = results.load_result(result_path)
+            self.store.finish_case(mlflow_run, self.run_dir, result)
+            self.synced.append(case)
+        except Exception as error:
+            self._fail(error)
+
+    def suite_finished(self) -> None:
+        """After the report: the manifest and the report go into the parent run."""
+        if not self.online or self.store is None or self.parent is None:
+            return
+        try:
+            manifest = json.loads((self.run_dir / results.RUN_MANIFEST).read_text())
+            self.store.finish_suite(self.parent, self.run_dir, manifest)
+        except Exception as error:
+            self._fail(error)
+
+    def _start_monitor(self, mlflow_run: str) -> None:
+        """mlflow's system metrics (CPU, memory, disk, network; GPU with pynvml) of this
+        machine while the case's worker runs, sampled from this process."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                mlflow_run,
+                sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                tracking_uri=self.store.uri if self.store else None,
+            )
+            monitor.start()
+            self._monitor = monitor
+        except Exception as error:  # psutil missing or similar: no system metrics, no failure
+            self.warn(f"no system metrics: {_one_line(error)}")
+
+    def _stop_monitor(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            with contextlib.suppress(Exception):  # the server died: its metrics go with it
+                monitor.finish()
