@@ -1,6 +1,8 @@
-"""Automation: `nox -s tests`, `nox -s lint`, `nox -s bench` (see README)."""
+"""Automation: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s mlflow-ui` (see README)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import nox
 
@@ -34,3 +36,24 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".[sklearn,torch,tf,track]")
     args = session.posargs or ["--cube", "synthetic:small"]
     session.run("cubebench", "run", *args)
+
+
+@nox.session(name="mlflow-ui", python=PYTHON)
+def mlflow_ui(session: nox.Session) -> None:
+    """The mlflow UI on http://127.0.0.1:5000 over a results directory's store:
+    `nox -s mlflow-ui -- [RESULTS_DIR] [mlflow ui options, e.g. --port 5001]`."""
+    args = list(session.posargs)
+    root = Path(args.pop(0) if args and not args[0].startswith("-") else "results").resolve()
+    store = root / "mlflow.db"
+    if not store.is_file():
+        session.error(f"no mlflow store at {store}: run `nox -s bench` first")
+    session.install("mlflow==3.17.2")
+    session.run(
+        "mlflow",
+        "ui",
+        "--host",
+        "127.0.0.1",
+        "--backend-store-uri",
+        f"sqlite:///{store}",
+        *args,
+    )

@@ -429,3 +429,14 @@ def test_default_store_is_sqlite_in_the_results_dir(tmp_path):
     # a second sync of a run already tracked adds nothing
     again = _cubebench("sync", str(out / "local"), env=_env())
     assert "pushed 0 case(s), 1 already there" in again.stdout
+
+
+def test_sync_errors_are_one_line(tmp_path, tracked_run):
+    from test_errors import assert_user_error
+
+    missing = _cubebench("sync", str(tmp_path / "nope"), env=_env())
+    assert_user_error(missing, "no results directory")
+    _, run_dir = tracked_run
+    dead = _env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_free_port()}")
+    unreachable = _cubebench("sync", str(run_dir), env=dead)
+    assert_user_error(unreachable, "mlflow at http://127.0.0.1:")
