@@ -82,6 +82,7 @@ def report(session: nox.Session) -> None:
 
 BASE_IMAGE = "cubebench/base:bookworm-py3.11"  # made by `nox -s base-image`
 WHEELHOUSE = Path("images/wheelhouse")
+DIST = Path("images/dist")
 IMAGES = {"cpu": "cubebench-cpu", "cuda": "cubebench-cuda"}
 # torch's CPU and CUDA builds live on PyTorch's index; asked only when no other source has them
 TORCH_INDEX = {
@@ -110,20 +111,20 @@ def lock_hash(flavour: str) -> str:
 
 
 def _fill_wheelhouse(session: nox.Session, flavour: str) -> None:
-    """Every wheel of the lock, and the cubebench wheel, into images/wheelhouse: the image
-    build then installs with `--no-index` (no network inside the build)."""
+    """Every wheel of the lock into images/wheelhouse/<flavour>/ (kept between builds) and the
+    cubebench wheel into images/dist/: the image build installs with `--no-index`, no network."""
     lock = f"images/{flavour}/requirements.lock"
-    WHEELHOUSE.mkdir(parents=True, exist_ok=True)
-    for old in WHEELHOUSE.glob("cubebench-*.whl"):
-        old.unlink()
+    wheels = WHEELHOUSE / flavour
+    wheels.mkdir(parents=True, exist_ok=True)
     download = ["python", "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     download += ["--python-version", "3.11"]  # the platform: this machine's (Linux x86_64)
-    download += ["--dest", str(WHEELHOUSE), "-r", lock]
+    download += ["--dest", str(wheels), "-r", lock]
     try:
         session.run(*download, silent=True)
     except nox.command.CommandFailed:  # torch's +cpu / +cuXXX builds are not on PyPI
         session.run(*download, "--extra-index-url", TORCH_INDEX[flavour], silent=True)
-    session.run("python", "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(WHEELHOUSE), ".")
+    shutil.rmtree(DIST, ignore_errors=True)
+    session.run("python", "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(DIST), ".")
 
 
 def _git_sha() -> str:
