@@ -78,6 +78,56 @@ def report(session: nox.Session) -> None:
     session.run("cubebench", "report", *session.posargs)
 
 
+# --- asv -------------------------------------------------------------------------------------
+
+ASV = "asv==0.6.6"
+FRAMEWORKS = ".[sklearn,torch,tf]"
+# what CI runs on both commits: every counter and accuracy figure, and the timings of the
+# cases on `tiny` (asv regexes match `module.Class.method(params)`)
+GATE_BENCHMARKS = ["LoaderCosts", r"'tiny'\)", "LoaderEpoch.*'numpy'"]
+
+
+def _asv(session: nox.Session, *args: str) -> None:
+    session.run("asv", "machine", "--yes", silent=True)  # this machine's description, once
+    session.run("asv", *args)
+
+
+@nox.session(python=PYTHON)
+def asv(session: nox.Session) -> None:
+    """The asv suite on HEAD in this session's environment, then the static HTML in
+    .asv/html (`python -m http.server -d .asv/html`). Arguments after `--` go to `asv run`,
+    e.g. `nox -s asv -- --quick --bench loading`."""
+    session.install("-e", FRAMEWORKS, ASV)
+    _asv(session, "run", "--python=same", "--set-commit-hash", "HEAD", *session.posargs)
+    session.run("asv", "publish")
+    session.log(f"HTML: {Path('.asv/html/index.html').resolve()}")
+
+
+@nox.session(name="asv-compare", python=PYTHON)
+def asv_compare(session: nox.Session) -> None:
+    """`asv continuous` between two commits in asv-managed virtualenvs (the frameworks are
+    installed once per environment, only cubebench is rebuilt per commit):
+    `nox -s asv-compare -- BASE HEAD [--factor F] [asv options]`; the factor defaults to 1.5.
+    Exits non-zero when a benchmark got slower by more than the factor."""
+    if len(session.posargs) < 2:
+        session.error("which commits? `nox -s asv-compare -- BASE HEAD`")
+    session.install(ASV, "virtualenv")
+    *options, base, head = session.posargs
+    _asv(session, "continuous", "--factor", "1.5", "--show-stderr", *options, base, head)
+
+
+@nox.session(name="asv-gate", python=PYTHON)
+def asv_gate(session: nox.Session) -> None:
+    """What CI gates on: the asv suite on HEAD~1 and HEAD; exact counters and the test RMSE
+    must not get worse, timings only within a factor (benchmarks/gate.py). Arguments after
+    `--` go to the gate, e.g. `-- --base main --head HEAD --factor 2`."""
+    session.install("-e", FRAMEWORKS, ASV)
+    args = list(session.posargs)
+    if not any(a.startswith(("--bench", "-b")) for a in args):
+        args += [f"--bench={regex}" for regex in GATE_BENCHMARKS]
+    session.run("python", "-m", "benchmarks.gate", *args)
+
+
 # --- images ----------------------------------------------------------------------------------
 
 BASE_IMAGE = "cubebench/base:bookworm-py3.11"  # made by `nox -s base-image`
@@ -102,6 +152,10 @@ def _docker_ready(session: nox.Session) -> None:
     probe = subprocess.run(["docker", "info"], capture_output=True, text=True)
     if probe.returncode:
         session.error("the Docker engine is not running (start dockerd, or check DOCKER_HOST)")
+
+
+def _image_exists(tag: str) -> bool:
+    return not subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode
 
 
 def lock_hash(flavour: str) -> str:
@@ -138,12 +192,7 @@ def _build(session: nox.Session, flavour: str) -> None:
     _docker_ready(session)
     args = list(session.posargs)
     base = args[args.index("--base") + 1] if "--base" in args else None
-    if (
-        base is None
-        and not subprocess.run(
-            ["docker", "image", "inspect", BASE_IMAGE], capture_output=True
-        ).returncode
-    ):
+    if base is None and _image_exists(BASE_IMAGE):
         base = BASE_IMAGE
     session.install("pip>=24", "setuptools>=69", "wheel")
     _fill_wheelhouse(session, flavour)
@@ -187,7 +236,7 @@ def _run_in_image(session: nox.Session, flavour: str, docker_args: list[str]) ->
     """`cubebench run` in the image; results (and the sqlite mlflow store) land in the host's
     results dir (`CUBEBENCH_RESULTS`, default ./results), or go to `MLFLOW_TRACKING_URI`."""
     tag = f"{IMAGES[flavour]}:latest"
-    if subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode:
+    if not _image_exists(tag):
         session.error(f"no image {tag}: run `nox -s image-{flavour}` first")
     digest = _docker(session, "image", "inspect", "--format", "{{.Id}}", tag).strip()
     results = Path(os.environ.get("CUBEBENCH_RESULTS", "results")).resolve()

@@ -15,30 +15,7 @@ import pytest
 
 from cubebench import results
 from cubebench.metrics import RegressionMetrics
-
-# Small cases written into a temporary cases directory, as a user would add one.
-MEAN_CASE = '''
-import numpy as np
-from cubebench.case import Case as Base
-
-class Case(Base):
-    """Predicts the train mean: its metrics are known exactly."""
-    name = "mean"
-    library = "numpy"
-    parameters = {"epochs": 2}
-
-    def fit(self):
-        stream = self.context.stream("train")
-        for epoch in range(self.params["epochs"]):
-            n, sq = 0, 0.0
-            for x, y in self.context.timed_batches(stream, epoch):
-                n += len(y)
-                sq += float(y @ y)
-            self.context.log_epoch(epoch, sq / n, None, samples=n, of=self.params["epochs"])
-
-    def predict(self, x):
-        return np.zeros(len(x))
-'''
+from fake_cases import mean_case
 
 FAULTY_CASES = {
     "raises": "raise RuntimeError('boom in fit')",
@@ -76,7 +53,7 @@ def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def faulty_run(tmp_path_factory):
     cases = tmp_path_factory.mktemp("cases")
-    (cases / "a_mean.py").write_text(MEAN_CASE)
+    (cases / "a_mean.py").write_text(mean_case())
     for name, body in FAULTY_CASES.items():
         (cases / f"b_{name}.py").write_text(_faulty(name, body))
     out = tmp_path_factory.mktemp("results")
@@ -173,7 +150,7 @@ def test_streaming_metrics_equal_numpy():
 def test_list_and_bad_selection(tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
-    (cases / "mean.py").write_text(MEAN_CASE)
+    (cases / "mean.py").write_text(mean_case())
     listed = _cli("list", "--cases-dir", str(cases), "--json")
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout)[0]["case"] == "mean"
@@ -185,7 +162,7 @@ def test_list_and_bad_selection(tmp_path):
 def test_a_run_id_is_never_reused(tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
-    (cases / "mean.py").write_text(MEAN_CASE)
+    (cases / "mean.py").write_text(mean_case())
     existing = tmp_path / "out" / "taken"
     existing.mkdir(parents=True)
     (existing / "keep.json").write_text("{}")
@@ -199,7 +176,7 @@ def test_a_run_id_is_never_reused(tmp_path):
 def test_case_files_are_plain_python(tmp_path):
     from cubebench.runner import discover
 
-    (tmp_path / "mean.py").write_text(MEAN_CASE)
+    (tmp_path / "mean.py").write_text(mean_case())
     (tmp_path / "_helpers.py").write_text("raise RuntimeError('not a case')")
     assert list(discover(Path(tmp_path))) == ["mean"]
 

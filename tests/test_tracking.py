@@ -26,6 +26,7 @@ from cubebench import results
 from cubebench.redact import MASK, scrub, scrub_tree
 from cubebench.tensorboard import read_scalars
 from cubebench.tracking import case_metrics
+from fake_cases import mean_case
 
 SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-8d7c6b5a",
@@ -33,29 +34,6 @@ SECRETS = {
     "MY_SERVICE_API_KEY": "fake-api-key-0a9b8c",
     "DB_PASSWORD": "fake-db-password-77aa",
 }
-
-MEAN_CASE = """
-import numpy as np
-from cubebench.case import Case as Base
-
-class Case(Base):
-    name = "{name}"
-    library = "numpy"
-    parameters = {{"epochs": 2}}
-
-    def fit(self):
-        {wait}
-        stream = self.context.stream("train")
-        for epoch in range(self.params["epochs"]):
-            n, sq = 0, 0.0
-            for x, y in self.context.timed_batches(stream, epoch):
-                n += len(y)
-                sq += float(y @ y)
-            self.context.log_epoch(epoch, sq / n, None, seconds=0.1, samples=n, of=2)
-
-    def predict(self, x):
-        return np.zeros(len(x))
-"""
 
 # waits for the test: it writes `started`, then blocks until `release` exists
 GATE = """import os, pathlib, time
@@ -326,9 +304,9 @@ def test_redaction_rules():
 def test_server_killed_mid_suite_then_sync_pushes_every_case_once(tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
-    (cases / "a_first.py").write_text(MEAN_CASE.format(name="first", wait="pass"))
-    (cases / "b_gated.py").write_text(MEAN_CASE.format(name="gated", wait=GATE))
-    (cases / "c_last.py").write_text(MEAN_CASE.format(name="last", wait="pass"))
+    (cases / "a_first.py").write_text(mean_case(name="first", wait="pass"))
+    (cases / "b_gated.py").write_text(mean_case(name="gated", wait=GATE))
+    (cases / "c_last.py").write_text(mean_case(name="last", wait="pass"))
     gate = tmp_path / "gate"
     gate.mkdir()
     server = MlflowServer(tmp_path / "store-dir")
@@ -394,7 +372,7 @@ def test_server_killed_mid_suite_then_sync_pushes_every_case_once(tmp_path):
 def test_unreachable_server_at_start_then_sync(server, tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
-    (cases / "a_first.py").write_text(MEAN_CASE.format(name="first", wait="pass"))
+    (cases / "a_first.py").write_text(mean_case(name="first", wait="pass"))
     out = tmp_path / "results"
     dead = f"http://127.0.0.1:{_free_port()}"
     args = ["run", *_suite_args(cases, out), "--run-id", "offline"]
@@ -410,7 +388,7 @@ def test_unreachable_server_at_start_then_sync(server, tmp_path):
 def test_default_store_is_sqlite_in_the_results_dir(tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
-    (cases / "a_first.py").write_text(MEAN_CASE.format(name="first", wait="pass"))
+    (cases / "a_first.py").write_text(mean_case(name="first", wait="pass"))
     out = tmp_path / "results"
     proc = subprocess.run(
         [*CLI, "run", *_suite_args(cases, out), "--run-id", "local"],

@@ -188,7 +188,7 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     manifest_path = run_dir / RUN_MANIFEST
     if not manifest_path.exists():
         raise CubebenchError(f"{run_dir} is not a cubebench run: no {RUN_MANIFEST}")
-    manifest = _read_json(manifest_path)
+    manifest = read_json(manifest_path)
     if not isinstance(manifest, dict):
         raise CubebenchError(f"{manifest_path} is not a JSON object")
     results = []
@@ -201,14 +201,23 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     return manifest, results
 
 
+def read_environment(run_dir: Path) -> dict:
+    """The run's environment manifest; {} where it is missing or unreadable."""
+    try:
+        return read_json(Path(run_dir) / ENVIRONMENT)
+    except CubebenchError:
+        return {}
+
+
 def load_result(path: Path) -> dict:
     """One case's result file, validated."""
-    result = _read_json(Path(path))
+    result = read_json(Path(path))
     validate(result, path)
     return result
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON file of a run, or a one-line CubebenchError."""
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

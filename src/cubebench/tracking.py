@@ -13,7 +13,6 @@ Where: `MLFLOW_TRACKING_URI` when set; otherwise a sqlite store in the results d
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -288,7 +287,7 @@ def sync(run_dir: Path, experiment: str = EXPERIMENT) -> SyncSummary:
     """Push every case of a run dir that the store does not hold complete; idempotent."""
     run_dir = Path(run_dir)
     manifest, case_results = results.load_run(run_dir)
-    environment = _read_environment(run_dir)
+    environment = results.read_environment(run_dir)
     try:
         store = Store.open(run_dir.parent, experiment)
         parent = store.parent(run_dir, manifest, environment)
@@ -311,13 +310,6 @@ def sync(run_dir: Path, experiment: str = EXPERIMENT) -> SyncSummary:
         where = scrub(store_uri(run_dir.parent))
         raise CubebenchError(f"mlflow at {where}: {_one_line(error)}") from None
     return summary
-
-
-def _read_environment(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / results.ENVIRONMENT).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _one_line(error: BaseException) -> str:
@@ -392,7 +384,7 @@ class SuiteTracker:
         if not self.online or self.store is None or self.parent is None:
             return
         try:
-            manifest = json.loads((self.run_dir / results.RUN_MANIFEST).read_text())
+            manifest = results.read_json(self.run_dir / results.RUN_MANIFEST)
             self.store.finish_suite(self.parent, self.run_dir, manifest)
         except Exception as error:
             self._fail(error)

@@ -73,7 +73,7 @@ def _numpy_epochs(stream: ChunkStream, iterate) -> Epoch:
     return epoch
 
 
-def _epochs(adapter: str, stream: ChunkStream, workers: int) -> Epoch:
+def epoch_runner(adapter: str, stream: ChunkStream, workers: int = 0) -> Epoch:
     """epoch index -> one consumed epoch; the framework is imported here, outside timers."""
     if adapter == "numpy":
         return _numpy_epochs(stream, stream.batches)
@@ -141,7 +141,7 @@ def bench_loader(
         pairs, seconds = raw.run()
         by_reader[name] = pairs / seconds
     best = max(by_reader, key=by_reader.get)
-    run_epoch = _epochs(adapter, stream, workers)
+    run_epoch = epoch_runner(adapter, stream, workers)
     raw_pairs = raw_seconds = pairs = seconds = stall = 0.0
     first = None
     for index in range(epochs):

@@ -1,0 +1,90 @@
+"""The loader per chunk layout and adapter, on the `small` synthetic cube.
+
+`time_epoch` / `peakmem_epoch` time one training epoch through the adapter after a warm-up
+epoch (kernels compiled, tf.data traced). The `track_*` numbers come from one
+`bench_loader` row per parameter set: the ratio to raw decode measured in the same run (the
+figure the loader issue gates on) and the exact costs per epoch, which do not depend on the
+machine and so gate CI with no noise.
+"""
+
+from __future__ import annotations
+
+from benchmarks import LOADER_LAYOUTS, LOADER_PRESET, SEED, THREADS, CubeBenchmark, cube_path, memo
+
+ADAPTERS = ("numpy", "torch", "tf")
+EPOCHS = 3  # for the bench_loader row: the ratio sums raw and loader time over them
+BATCH = 4096
+
+
+def _task(cubes: str, layout: str):
+    from cubebench.cube import open_cube
+    from cubebench.task import get_task, prepare_task
+
+    return prepare_task(
+        get_task("lst-from-t2m"), open_cube(cube_path(cubes, LOADER_PRESET, layout))
+    )
+
+
+class LoaderEpoch(CubeBenchmark):
+    """One epoch of the training part through the adapter."""
+
+    params = (LOADER_LAYOUTS, ADAPTERS)
+    param_names = ("layout", "adapter")
+    number = 1  # one epoch per sample; setup warms up before each sample
+    repeat = (1, 5, 60.0)
+    warmup_time = 0.0
+
+    def setup(self, cubes: str, layout: str, adapter: str) -> None:
+        from cubebench.loading.bench import epoch_runner
+        from cubebench.loading.stream import ChunkStream
+
+        stream = ChunkStream(_task(cubes, layout), "train", BATCH, threads=THREADS, seed=SEED)
+        self.epoch = epoch_runner(adapter, stream)
+        self.epoch(0)
+
+    def time_epoch(self, cubes: str, layout: str, adapter: str) -> None:
+        self.epoch(1)
+
+    def peakmem_epoch(self, cubes: str, layout: str, adapter: str) -> None:
+        self.epoch(1)
+
+
+class LoaderCosts(CubeBenchmark):
+    """What the loader costs against raw decode, from one `bench_loader` row."""
+
+    params = (LOADER_LAYOUTS, ADAPTERS)
+    param_names = ("layout", "adapter")
+
+    def _row(self, cubes: str, layout: str, adapter: str) -> dict:
+        def compute() -> dict:
+            from cubebench.loading.bench import bench_loader
+
+            return bench_loader(
+                _task(cubes, layout),
+                batch_size=BATCH,
+                adapter=adapter,
+                epochs=EPOCHS,
+                threads=THREADS,
+            )
+
+        return memo(cubes, f"loader-{layout}-{adapter}", compute)
+
+    def track_ratio_to_raw(self, cubes: str, layout: str, adapter: str) -> float:
+        return self._row(cubes, layout, adapter)["ratio_to_raw"]
+
+    track_ratio_to_raw.unit = "loader / raw decode"
+
+    def track_read_amplification(self, cubes: str, layout: str, adapter: str) -> float:
+        return self._row(cubes, layout, adapter)["read_amplification"]
+
+    track_read_amplification.unit = "bytes decoded / bytes needed"
+
+    def track_chunks_decoded(self, cubes: str, layout: str, adapter: str) -> float:
+        return self._row(cubes, layout, adapter)["chunks_decoded"] / EPOCHS
+
+    track_chunks_decoded.unit = "chunks per epoch"
+
+    def track_bytes_read(self, cubes: str, layout: str, adapter: str) -> float:
+        return self._row(cubes, layout, adapter)["bytes_read"] / EPOCHS
+
+    track_bytes_read.unit = "bytes per epoch"
