@@ -58,7 +58,9 @@ def run_case(cubes: str, case: str, preset: str) -> dict:
     cmd = [sys.executable, "-m", "cubebench", "run", "--cube", cube_path(cubes, preset)]
     cmd += ["--cases", case, "--threads", str(THREADS), "--seed", str(SEED), "--no-tracking"]
     cmd += ["--out", str(out), "--run-id", run_id]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    run = subprocess.run(cmd, capture_output=True, text=True)  # progress bars on stderr
+    if run.returncode and not (out / run_id / f"{case}.json").exists():
+        raise RuntimeError(f"cubebench run failed: {run.stderr.strip()[-2000:]}")
     result = json.loads((out / run_id / f"{case}.json").read_text())
     if result["status"] != "ok":
         raise RuntimeError(f"{case} on {preset} failed: {result['reason']}")
