@@ -60,10 +60,6 @@ def kind_of(benchmark: str) -> str:
     return "info"
 
 
-def _missing(value: float | None) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def judge(
     benchmark: str,
     base: float | None,
@@ -71,10 +67,9 @@ def judge(
     factor: float = 3.0,
     rmse_tolerance: float = 0.01,
 ) -> Verdict:
-    """The verdict on one benchmark (one parameter set) between BASE and HEAD."""
+    """The verdict on one benchmark (one parameter set) between BASE and HEAD; None is a
+    benchmark that failed."""
     kind = kind_of(benchmark)
-    base = None if _missing(base) else float(base)
-    head = None if _missing(head) else float(head)
 
     def verdict(failed: bool, why: str) -> Verdict:
         return Verdict(benchmark, kind, base, head, failed, why)
@@ -82,7 +77,7 @@ def judge(
     if head is None:
         return verdict(True, "fails on HEAD" if base is not None else "fails on both")
     if base is None:
-        return verdict(False, "new, or fixed on HEAD")
+        return verdict(False, "fixed on HEAD")
     if kind == "exact":
         worse = head > base * (1 + 1e-9)
         return verdict(worse, "counter grew" if worse else "")
@@ -97,7 +92,8 @@ def judge(
 
 
 def read_results(results_dir: Path, sha: str, machine: str = MACHINE) -> dict[str, float | None]:
-    """`module.Class.method(params)` -> value, for every result asv saved for a commit."""
+    """`module.Class.method(params)` -> value (None where it failed) for every benchmark asv
+    ran on a commit; asv keeps NaN for parameter sets it did not run, which are left out."""
     from asv.results import iter_results_for_machine_and_hash
 
     values: dict[str, float | None] = {}
@@ -107,15 +103,24 @@ def read_results(results_dir: Path, sha: str, machine: str = MACHINE) -> dict[st
             found = result.get_result_value(key, params)
             combos = itertools.product(*params) if params else []
             names = [f"{key}({', '.join(p)})" for p in combos] or [key]
-            values.update(zip(names, found, strict=True))
+            values.update(
+                (name, value)
+                for name, value in zip(names, found, strict=True)
+                if not (isinstance(value, float) and math.isnan(value))
+            )
     return values
 
 
 def compare(
     base: dict[str, float | None], head: dict[str, float | None], **limits: float
 ) -> list[Verdict]:
-    """A verdict for every benchmark HEAD ran (a benchmark BASE lacks is new)."""
-    return [judge(name, base.get(name), head[name], **limits) for name in sorted(head)]
+    """A verdict for every benchmark HEAD ran; one BASE did not run is new."""
+    return [
+        judge(name, base[name], head[name], **limits)
+        if name in base
+        else Verdict(name, kind_of(name), None, head[name], head[name] is None, "new")
+        for name in sorted(head)
+    ]
 
 
 def render(verdicts: list[Verdict]) -> str:
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gate: no commit {args.base} to compare with (first commit or shallow clone)")
         return 0
     head = _git(repo, "rev-parse", "--verify", f"{args.head}^{{commit}}")
-    asv_args = ["--show-stderr"] + ([] if args.full else ["--quick"])
+    asv_args = ["--show-stderr", "--durations=all"] + ([] if args.full else ["--quick"])
     asv_args += [a for regex in args.bench for a in ("--bench", regex)]
     subprocess.run(
         [sys.executable, "-m", "asv", "machine", "--yes", "--machine", MACHINE],

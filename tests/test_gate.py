@@ -58,11 +58,14 @@ def test_timings_fail_only_beyond_the_factor_in_their_direction():
 
 
 def test_a_benchmark_broken_on_head_fails_and_a_new_one_passes():
-    assert judge(TIME, 1.0, None).failed
-    assert judge(TIME, 1.0, float("nan")).why == "fails on HEAD"
+    assert judge(TIME, 1.0, None).why == "fails on HEAD"
     assert judge(TIME, None, None).failed
+    assert judge(TIME, None, 1.0).why == "fixed on HEAD"
     assert not judge(TIME, None, 1.0).failed
-    assert compare({}, {COUNTER: 3.0})[0].why == "new, or fixed on HEAD"
+    (new,) = compare({}, {COUNTER: 3.0})
+    assert new.why == "new" and not new.failed
+    (broken,) = compare({}, {COUNTER: None})
+    assert broken.failed
 
 
 # --- end to end: real asv on a two-commit repository -------------------------------------------
@@ -78,7 +81,15 @@ def track_test_rmse():
 
 def time_sum():
     sum(range(1000))
+
+class Param:
+    params = ["tiny", "small"]
+
+    def track_chunks_decoded(self, preset):
+        return toy.CHUNKS if preset == "tiny" else 10 * toy.CHUNKS
 """
+# as CI selects: some parameter sets only (asv keeps NaN for the others)
+SELECTION = ["--bench", r"^bench\.[a-z]", "--bench", r"Param.*'tiny'"]
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -116,13 +127,14 @@ def toy_repo(tmp_path_factory) -> Path:
 
 def _gate(repo: Path, base: str, head: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "benchmarks.gate", "--config", str(repo / "asv.conf.json")]
-    cmd += ["--base", base, "--head", head]
+    cmd += ["--base", base, "--head", head, *SELECTION]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def _table(gate: subprocess.CompletedProcess) -> list[str]:
     """The gate's verdict table (asv's own output comes before it)."""
-    return gate.stdout.split("(HEAD)\n", 1)[1].splitlines()
+    table = gate.stdout.split("(HEAD)\n", 1)[1].splitlines()
+    return [line for line in table if not line.startswith("gate:")]
 
 
 def test_gate_runs_asv_on_both_commits_and_fails_only_on_the_worse_counter(toy_repo):
@@ -132,15 +144,23 @@ def test_gate_runs_asv_on_both_commits_and_fails_only_on_the_worse_counter(toy_r
 
     passed = _gate(toy_repo, first, same)
     assert passed.returncode == 0, passed.stdout + passed.stderr
-    assert "3 benchmarks, none got worse" in passed.stdout
-    row = next(line for line in _table(passed) if "track_chunks_decoded" in line)
-    assert row.split()[1:5] == ["exact", "45", "45", "1.000"]
+    assert "4 benchmarks, none got worse" in passed.stdout
+    rows = {line.split()[0]: line.split()[1:5] for line in _table(passed)[1:]}
+    assert rows == {
+        "bench.Param.track_chunks_decoded('tiny')": ["exact", "45", "45", "1.000"],
+        "bench.time_sum": ["timing", *rows["bench.time_sum"][1:]],
+        "bench.track_chunks_decoded": ["exact", "45", "45", "1.000"],
+        "bench.track_test_rmse": ["accuracy", "2.5", "2.5", "1.000"],
+    }
 
     failed = _gate(toy_repo, same, worse)
     assert failed.returncode == 1, failed.stdout + failed.stderr
-    assert "1 of 3 benchmarks got worse" in failed.stderr
+    assert "2 of 4 benchmarks got worse" in failed.stderr
     flagged = [line for line in _table(failed) if line.startswith("FAIL")]
-    assert len(flagged) == 1 and "bench.track_chunks_decoded" in flagged[0]
-    assert "counter grew" in flagged[0]
+    assert sorted(line.split()[1] for line in flagged) == [
+        "bench.Param.track_chunks_decoded('tiny')",
+        "bench.track_chunks_decoded",
+    ]
+    assert all(line.endswith("counter grew") for line in flagged)
     # the gate's worktrees are gone again
     assert _git(toy_repo, "worktree", "list").count("\n") == 0
