@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ EARTH_RADIUS_KM = 6371.0
 NOISE_FLOOR_K = 1.5  # std of the LST noise: the best achievable RMSE
 LAYOUTS = ("map", "ts", "balanced")
 SLAB_ELEMENTS = 1 << 17  # pixels computed at once inside a chunk: bounds float64 temporaries
+BASIS_CACHE_BYTES = 32 << 20  # per smooth field: spatial bases kept for the next chunks
+_BASIS_LOCK = threading.Lock()  # dask computes chunks in threads
 # Boxes (lat_min, lat_max, lon_min, lon_max) in which one LST regime dominates.
 REGIONS = {"north": (20.0, 70.0, -180.0, 180.0), "south": (-60.0, -10.0, -180.0, 180.0)}
 
@@ -204,15 +207,34 @@ class SmoothField:
         phase = rng.uniform(0.0, 2.0 * np.pi, size=k)
         return cls(direction * magnitude, omega, phase, std * math.sqrt(2.0 / k))
 
-    def __call__(self, t: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    def _basis(self, lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin of the waves' spatial phase on a window, (K, yx) each. Kept for the
+        next chunks on the same window (every chunk of the map layout shares one), within
+        BASIS_CACHE_BYTES per field; the values do not depend on it."""
+        key = (lat[0], lat[-1], len(lat), lon[0], lon[-1], len(lon))
+        cache: dict = self.__dict__.setdefault("_bases", {})
+        with _BASIS_LOCK:
+            hit = cache.get(key)
+        if hit is not None:
+            return hit
         la, lo = np.meshgrid(np.deg2rad(lat), np.deg2rad(lon), indexing="ij")
         points = EARTH_RADIUS_KM * np.stack(
             [np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=-1
         ).reshape(-1, 3)
         space = points @ self.waves.T  # (yx, K)
+        basis = (np.cos(space).T, np.sin(space).T)
+        room = max(1, BASIS_CACHE_BYTES // (2 * space.nbytes))
+        with _BASIS_LOCK:
+            while len(cache) >= room:  # first in, first out: dask walks chunks in order
+                cache.pop(next(iter(cache)))
+            cache[key] = basis
+        return basis
+
+    def __call__(self, t: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+        cos_space, sin_space = self._basis(lat, lon)
         tau = np.outer(t, self.omega) + self.phase  # (t, K)
         # cos(s + tau) = cos(tau) cos(s) - sin(tau) sin(s): two matrix products
-        values = np.cos(tau) @ np.cos(space).T - np.sin(tau) @ np.sin(space).T
+        values = np.cos(tau) @ cos_space - np.sin(tau) @ sin_space
         return (self.amplitude * values).reshape(len(t), len(lat), len(lon))
 
 
