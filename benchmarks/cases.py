@@ -20,7 +20,8 @@ class CaseFit(CubeBenchmark):
     params = (CASES, CASE_PRESETS)
     param_names = ("case", "preset")
     number = 1  # a fit per sample: setup builds a fresh model before each
-    repeat = (1, 3, 120.0)
+    repeat = (1, 3, 60.0)  # at least one fit, at most three, no new one after 60 s
+    rounds = 1  # a fit is long enough to be its own warm-up-free sample
     warmup_time = 0.0
 
     def setup(self, cubes: str, case: str, preset: str) -> None:
