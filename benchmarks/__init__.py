@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cubebench.runner import worker_env
+from cubebench.runner import default_cases_dir, worker_env
 
 THREADS = 2  # what a CI runner or a laptop core pair gives; every number uses the same
 SEED = 0
@@ -33,6 +33,21 @@ CUBES = [(LOADER_PRESET, layout) for layout in LOADER_LAYOUTS] + [("tiny", "bala
 
 # thread pools sized before any framework loads, exactly as the runner sizes its workers'
 os.environ.update({k: v for k, v in worker_env(THREADS).items() if k not in os.environ})
+
+
+def _cases_dir() -> Path:
+    """The benchmarked commit's `cases/`: beside its `src/` where cubebench runs from a
+    checkout (`--python=same`, the gate's worktrees), in asv's build checkout where an
+    asv-managed environment installed the wheel, else this checkout's."""
+    in_tree = default_cases_dir()
+    if in_tree.is_absolute() and in_tree.is_dir():
+        return in_tree
+    build = Path(os.environ.get("ASV_BUILD_DIR", "/nonexistent")) / "cases"
+    return build if build.is_dir() else Path(__file__).resolve().parents[1] / "cases"
+
+
+# read by `discover()` here and by the `cubebench run` processes the benchmarks start
+os.environ.setdefault("CUBEBENCH_CASES_DIR", str(_cases_dir()))
 
 
 def cube_path(cubes: str, preset: str, layout: str = "balanced") -> str:
