@@ -10,6 +10,7 @@ class Case(Base):
     """Predicts the train mean (zero, normalised): its metrics are known exactly."""
     name = "{name}"
     library = "numpy"
+    task = "{task}"
     parameters = {{"epochs": 2}}
 
     def fit(self):
@@ -29,6 +30,7 @@ class Case(Base):
 '''
 
 
-def mean_case(name: str = "mean", wait: str = "pass") -> str:
-    """The source of a case that predicts the train mean; `wait` runs first in `fit`."""
-    return MEAN_CASE.format(name=name, wait=wait)
+def mean_case(name: str = "mean", wait: str = "pass", task: str = "lst-from-t2m") -> str:
+    """The source of a case that predicts the train mean; `wait` (one line) runs first in
+    `fit`."""
+    return MEAN_CASE.format(name=name, wait=wait, task=task)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from cubebench.errors import CubebenchError
 from cubebench.redact import scrub
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
 
 
 def _storage_options(pairs: list[str]) -> dict | None:
@@ -26,7 +28,7 @@ def _storage_options(pairs: list[str]) -> dict | None:
         lowered = value.lower()
         if lowered in ("true", "false"):
             options[key] = lowered == "true"
-        elif value.isdigit():
+        elif value.isascii() and value.isdigit():  # not "²": isdigit, yet int() refuses it
             options[key] = int(value)
         else:
             options[key] = value
@@ -41,8 +43,8 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
         return value
 
     parse.__name__ = f"positive {kind.__name__}"
@@ -93,28 +95,14 @@ def _cmd_make_cube(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from cubebench.cube import open_cube
-    from cubebench.task import Box, get_task, prepare_task
+    from cubebench.task import Box, get_task, parse_fractions, parse_time_range, prepare_task
 
-    fractions = None
-    if args.fractions:
-        try:
-            fractions = tuple(float(v) for v in args.fractions.split(","))
-        except ValueError:
-            raise CubebenchError(
-                f"--fractions takes 'train,val,test', got {args.fractions!r}"
-            ) from None
-    time_range = None
-    if args.time:
-        start, sep, end = args.time.partition(",")
-        if not sep:
-            raise CubebenchError(f"--time takes 'START,END', got {args.time!r}")
-        time_range = (start, end)
     spec = get_task(
         args.task,
         seed=args.seed,
         region=Box.parse(args.region) if args.region else None,
-        time_range=time_range,
-        fractions=fractions,
+        time_range=parse_time_range(args.time) if args.time else None,
+        fractions=parse_fractions(args.fractions) if args.fractions else None,
     )
     started = time.perf_counter()
     cube = open_cube(args.cube, storage_options=_storage_options(args.storage_option))
@@ -178,39 +166,89 @@ def _params(parameters: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in parameters.items())
 
 
+# what `run --resume` takes from the run's manifest instead of the command line
+RUN_SETTINGS = ("cube", "cases", "device", "epochs", "seed", "threads", "timeout", "run_id")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from cubebench.cube import open_cube
     from cubebench.progress import SuiteProgress
     from cubebench.report import write_report
-    from cubebench.runner import claim_run_dir, discover, run_suite, select
-    from cubebench.tracking import SuiteTracker
+    from cubebench.runner import (
+        claim_run_dir,
+        discover,
+        hold_run,
+        resume_settings,
+        run_suite,
+        select,
+    )
+    from cubebench.tracking import SuiteTracker, sync
 
     available = discover(args.cases_dir)
-    cases = select(available, args.cases)
     options = _storage_options(args.storage_option)
-    open_cube(args.cube, storage_options=options)  # a bad cube fails here, and is made once
-    run_dir = claim_run_dir(args.out, args.run_id)
+    if args.resume:
+        defaults = vars(build_parser().parse_args(["run"]))
+        given = [k for k in RUN_SETTINGS if getattr(args, k) != defaults[k]]
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise CubebenchError(f"--resume takes the settings of the run it resumes; drop {flags}")
+        settings = resume_settings(args.out, args.resume)
+        select(available, ",".join(settings["cases"]))  # every case file is still there
+        run_dir = Path(args.out) / args.resume
+    else:
+        settings = {
+            "cube": args.cube,
+            "cases": select(available, args.cases),
+            "device": args.device,
+            "epochs": args.epochs,
+            "seed": args.seed,
+            "threads": args.threads,
+            "timeout": args.timeout,
+        }
+    open_cube(settings["cube"], storage_options=options)  # a bad cube fails here, made once
+    if not args.resume:
+        run_dir = claim_run_dir(args.out, args.run_id)
+    cases = settings["cases"]
+    signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, a batch system: as Ctrl-C
     tracker = None if args.no_tracking else SuiteTracker(run_dir, args.experiment)
-    with SuiteProgress(cases) as progress:
-        if tracker:
-            tracker.warn = progress.warn
-        outcomes = run_suite(
-            cube=args.cube,
-            cases=cases,
-            available=available,
-            run_dir=run_dir,
-            device=args.device,
-            epochs=args.epochs,
-            seed=args.seed,
-            threads=args.threads,
-            timeout=args.timeout,
-            storage_options=options,
-            progress=progress,
-            tracker=tracker,
+    try:
+        with hold_run(run_dir), SuiteProgress(cases) as progress:
+            if tracker:
+                tracker.warn = progress.warn
+            outcomes = run_suite(
+                **settings,
+                available=available,
+                run_dir=run_dir,
+                storage_options=options,
+                progress=progress,
+                tracker=tracker,
+                resume=bool(args.resume),
+            )
+        paths = write_report(run_dir)
+    except KeyboardInterrupt:
+        print(
+            f"cubebench: interrupted; finished cases are kept in {run_dir}: "
+            f"resume with `cubebench run --resume {run_dir.name} --out {args.out}`",
+            file=sys.stderr,
         )
-    paths = write_report(run_dir)
-    if tracker:
+        return EXIT_INTERRUPTED
+    except OSError as error:  # disk full, results root gone read-only...
+        raise CubebenchError(
+            f"cannot write results in {run_dir}: {error.strerror or error}; finished cases are "
+            f"intact: free space, then `cubebench run --resume {run_dir.name} --out {args.out}`"
+        ) from None
+    if tracker and args.resume and tracker.online:
+        try:  # the cases an earlier, interrupted attempt could not push go too
+            sync(run_dir, args.experiment)
+            tracker.synced = list(cases)
+        except CubebenchError as error:
+            tracker.offline_reason = str(error)
+    elif tracker:
         tracker.suite_finished()
+    for change in _resume_changes(run_dir):
+        print(
+            f"warning: resumed with another {change} than the first cases ran with", file=sys.stderr
+        )
     failed = [o for o in outcomes if o.status != "ok"]
     print(f"results: {run_dir}")
     print(f"report:  {next((p for p in paths if p.suffix == '.md'), run_dir)}")
@@ -226,6 +264,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for outcome in failed:
         print(f"failed:  {outcome.case}: {outcome.reason}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _resume_changes(run_dir: Path) -> list[str]:
+    from cubebench.results import RUN_MANIFEST, read_json
+
+    resumed = read_json(run_dir / RUN_MANIFEST).get("resumed") or [{}]
+    return resumed[-1].get("environment_changed", [])
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
@@ -265,7 +314,13 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the one-line error format of the rest of the CLI."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_USER_ERROR, f"cubebench: error: {message} (see {self.prog} --help)\n")
+        message = _one_line(f"{message} (see {self.prog} --help)")
+        self.exit(EXIT_USER_ERROR, f"cubebench: error: {message}\n")
+
+
+def _one_line(text: str) -> str:
+    """`text` on one line: line breaks a user typed into an argument are shown as `\\n`."""
+    return "\\n".join(text.splitlines())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=_positive(float), default=1800.0, help="seconds per case")
     p.add_argument("--run-id", help="name of the run (default: date-time-random)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="finish an interrupted run in --out: only its cases without a result run",
+    )
     p.add_argument("--out", type=Path, default=Path("results"), help="results root")
     p.add_argument("--experiment", default="cubebench", help="mlflow experiment name")
     p.add_argument(
@@ -365,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CubebenchError as exc:
-        print(f"cubebench: error: {exc}", file=sys.stderr)
+        print(f"cubebench: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("cubebench: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

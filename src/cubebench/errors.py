@@ -11,3 +11,7 @@ class CubeError(CubebenchError):
 
 class TaskError(CubebenchError):
     """The task cannot be prepared on this cube (nothing to train on, empty split part...)."""
+
+
+class ChunkReadError(CubeError):
+    """A stored chunk cannot be read or decoded (truncated, garbage, unreachable)."""

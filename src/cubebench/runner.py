@@ -8,6 +8,7 @@ signal (OOM killer, SIGKILL) becomes a failed result with the reason, and the su
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -28,7 +29,7 @@ from cubebench.case import Case
 from cubebench.errors import CubebenchError
 from cubebench.redact import scrub
 from cubebench.tracking import SuiteTracker
-from cubebench.worker import STORAGE_OPTIONS_ENV
+from cubebench.worker import RUNNER_PID_ENV, STORAGE_OPTIONS_ENV
 
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS",
@@ -156,6 +157,7 @@ def run_case(
     log_path = run_dir / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = worker_env(spec["threads"])
+    env[RUNNER_PID_ENV] = str(os.getpid())  # the worker dies with this process (see worker)
     if storage_options:
         env[STORAGE_OPTIONS_ENV] = json.dumps(storage_options)
     start = time.perf_counter()
@@ -262,6 +264,67 @@ def claim_run_dir(out: Path, run_id: str | None = None) -> Path:
     return run_dir
 
 
+@contextlib.contextmanager
+def hold_run(run_dir: Path):
+    """An exclusive lock on a run dir while a suite writes it: a `--resume` of a run that is
+    still going is refused. The kernel releases it when the holder dies, SIGKILL included."""
+    path = Path(run_dir) / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise CubebenchError(f"cannot lock {run_dir}: {error.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise CubebenchError(
+                f"run {Path(run_dir).name!r} is still running (pid {holder}): "
+                "wait for it or stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+# what a resumed run takes from its manifest (the cube's storage options are never stored)
+RESUMED_SETTINGS = ("cube", "cases", "device", "epochs", "seed", "threads", "timeout_s")
+
+
+def resume_settings(out: Path, run_id: str) -> dict[str, Any]:
+    """The settings of run `run_id` under `out`, for `run_suite(..., resume=True)`."""
+    run_dir = Path(out) / run_id
+    path = run_dir / results.RUN_MANIFEST
+    if not path.is_file():
+        raise CubebenchError(f"no run {run_id!r} to resume in {out} (no {path.name} there)")
+    manifest = results.read_json(path)
+    missing = [k for k in RESUMED_SETTINGS if k not in manifest]
+    if missing:
+        raise CubebenchError(f"{path} lacks {', '.join(missing)}: cannot resume it")
+    settings = {k: manifest[k] for k in RESUMED_SETTINGS}
+    settings["timeout"] = settings.pop("timeout_s")
+    return settings
+
+
+def finished_cases(run_dir: Path, cases: list[str]) -> dict[str, CaseOutcome]:
+    """Cases of `cases` with a result file (written atomically: present means complete)."""
+    done = {}
+    for name in cases:
+        path = Path(run_dir) / f"{name}.json"
+        if path.is_file():
+            result = results.load_result(path)
+            seconds = (result.get("timing") or {}).get("total_s") or 0.0
+            done[name] = CaseOutcome(name, result["status"], result["reason"], seconds)
+    return done
+
+
+def _environment_changes(before: dict, after: dict) -> list[str]:
+    keys = ("python", "platform", "packages", "cpu", "gpu", "git_sha", "image")
+    return [k for k in keys if before.get(k) != after.get(k)]
+
+
 def run_suite(
     *,
     cube: str,
@@ -276,63 +339,108 @@ def run_suite(
     storage_options: dict | None = None,
     progress: Progress | None = None,
     tracker: SuiteTracker | None = None,
+    resume: bool = False,
 ) -> list[CaseOutcome]:
-    """Run `cases` one after another, each in its own worker, into `run_dir` (claimed).
+    """Run `cases` one after another, each in its own worker, into `run_dir` (claimed, or
+    with `resume` an earlier run's: only cases without a result file run).
 
     Each result is on disk before `tracker` (mlflow) sees it: tracking can fail, results not.
     """
     run_id = run_dir.name
     threads = threads or min(os.cpu_count() or 1, 8)
     environment = results.environment_manifest(threads, seed, worker_env(threads))
-    results.write_json_atomic(run_dir / results.ENVIRONMENT, environment)
-    manifest = {
-        "run_id": run_id,
-        "cube": scrub(cube),
-        "cases": cases,
-        "device": device,
-        "epochs": epochs,
-        "seed": seed,
-        "threads": threads,
-        "timeout_s": timeout,
-        "started_at": results.now(),
-        "finished_at": None,
-        "status": "running",
-        "outcomes": {},
-    }
-    results.write_json_atomic(run_dir / results.RUN_MANIFEST, manifest)
-    if tracker:
-        tracker.suite_started(manifest, environment)
-    outcomes = []
-    for name in cases:
-        path, cls = available[name]
-        params = {"epochs": epochs} if epochs is not None and "epochs" in cls.parameters else {}
-        spec = {
+    manifest_path = run_dir / results.RUN_MANIFEST
+    if resume:
+        manifest = results.read_json(manifest_path)
+        changed = _environment_changes(results.read_environment(run_dir), environment)
+        resumed = {"at": results.now(), "environment_changed": changed}
+        manifest["resumed"] = [*manifest.get("resumed", []), resumed]
+        manifest.update(status="running", finished_at=None)
+    else:
+        results.write_json_atomic(run_dir / results.ENVIRONMENT, environment)
+        manifest = {
             "run_id": run_id,
-            "case": name,
-            "case_path": str(path.resolve()),
-            "library": cls.library,
-            "task": cls.task,
-            "params": {**cls.parameters, **params},
-            "cube": cube,
+            "cube": scrub(cube),
+            "cases": cases,
             "device": device,
+            "epochs": epochs,
             "seed": seed,
             "threads": threads,
-            "environment": environment,
-            "tensorboard_dir": str(run_dir / "tb" / name),
-            "result_path": str(run_dir / f"{name}.json"),
+            "timeout_s": timeout,
+            "started_at": results.now(),
+            "finished_at": None,
+            "status": "running",
+            "outcomes": {},
         }
-        if progress:
-            progress(name, {"event": "start"})
-        if tracker:
-            tracker.case_started(run_id, name)
-        outcome = run_case(spec, run_dir, timeout, progress, storage_options)
-        if tracker:
-            tracker.case_finished(name, Path(spec["result_path"]))
-        outcomes.append(outcome)
-        if progress:
-            progress(name, {"event": "end", "status": outcome.status, "reason": outcome.reason})
-        manifest["outcomes"][name] = {"status": outcome.status, "reason": outcome.reason}
-        results.write_json_atomic(run_dir / results.RUN_MANIFEST, manifest)
+    results.write_json_atomic(manifest_path, manifest)
+    if tracker:
+        tracker.suite_started(manifest, environment)
+    done = finished_cases(run_dir, cases) if resume else {}
+    outcomes = []
+    try:
+        for name in cases:
+            if name in done:
+                outcome = done[name]
+            else:
+                outcome = _run_one(
+                    name,
+                    available[name],
+                    cube,
+                    run_dir,
+                    manifest,
+                    environment,
+                    storage_options,
+                    progress,
+                    tracker,
+                )
+            outcomes.append(outcome)
+            manifest["outcomes"][name] = {"status": outcome.status, "reason": outcome.reason}
+            results.write_json_atomic(manifest_path, manifest)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the finished cases stay, `--resume` goes on
+        with contextlib.suppress(OSError):
+            results.write_json_atomic(manifest_path, {**manifest, "status": "interrupted"})
+        raise
     manifest.update(finished_at=results.now(), status="finished")
-    results.write_json_atomic(run_dir / results.RUN_MANIFEST, manifest)
+    results.write_json_atomic(manifest_path, manifest)
     return outcomes
+
+
+def _run_one(
+    name: str,
+    found: tuple[Path, type[Case]],
+    cube: str,
+    run_dir: Path,
+    manifest: dict,
+    environment: dict,
+    storage_options: dict | None,
+    progress: Progress | None,
+    tracker: SuiteTracker | None,
+) -> CaseOutcome:
+    path, cls = found
+    epochs = manifest["epochs"]
+    params = {"epochs": epochs} if epochs is not None and "epochs" in cls.parameters else {}
+    spec = {
+        "run_id": manifest["run_id"],
+        "case": name,
+        "case_path": str(path.resolve()),
+        "library": cls.library,
+        "task": cls.task,
+        "params": {**cls.parameters, **params},
+        "cube": cube,  # the manifest's copy is scrubbed of credentials
+        "device": manifest["device"],
+        "seed": manifest["seed"],
+        "threads": manifest["threads"],
+        "environment": environment,
+        "tensorboard_dir": str(run_dir / "tb" / name),
+        "result_path": str(run_dir / f"{name}.json"),
+    }
+    if progress:
+        progress(name, {"event": "start"})
+    if tracker:
+        tracker.case_started(manifest["run_id"], name)
+    outcome = run_case(spec, run_dir, manifest["timeout_s"], progress, storage_options)
+    if tracker:
+        tracker.case_finished(name, Path(spec["result_path"]))
+    if progress:
+        progress(name, {"event": "end", "status": outcome.status, "reason": outcome.reason})
+    return outcome

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -24,6 +26,7 @@ import pandas as pd
 import xarray as xr
 
 from cubebench.cube.fingerprint import cube_fingerprint
+from cubebench.cube.integrity import raise_unreadable_chunk
 from cubebench.cube.schema import require_variable
 from cubebench.errors import TaskError
 
@@ -32,14 +35,128 @@ PARTS = ("train", "val", "test")
 TARGET_PARTS = ("target_train", "target_val", "target_test")
 
 
+def _finite(value: object) -> bool:
+    """A real number (not a bool) that is finite as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
+def parse_time(value: object) -> pd.Timestamp:
+    """A date of a time range (`"2001-03-01"`, a datetime...) as a tz-naive Timestamp.
+
+    A date that only a 360_day calendar has (`"2001-02-30"`, climate model output) comes back
+    as a cftime date of that calendar; `_selection` checks it against the cube's calendar.
+    """
+    if isinstance(value, bool) or not isinstance(value, str | np.datetime64 | pd.Timestamp):
+        if not hasattr(value, "year"):  # datetime.date and datetime.datetime go through
+            raise TaskError(f"a date is text like '2001-03-01', got {value!r}")
+    try:
+        stamp = pd.Timestamp(value)
+    except (ValueError, TypeError, OverflowError) as exc:
+        other = _date_360_day(value)
+        if other is not None:
+            return other
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise TaskError(f"not a date: {value!r} ({reason!r})") from None
+    if stamp is pd.NaT or pd.isna(stamp):
+        raise TaskError(f"not a date: {value!r}")
+    if stamp.tzinfo is not None:
+        raise TaskError(f"a date without a time zone please (cube times have none), got {value!r}")
+    return stamp
+
+
+def _date_360_day(value: object):
+    """`"YYYY-MM-DD"` with a day every month has in a 360_day calendar (29 or 30 February)."""
+    import re
+
+    match = (
+        re.fullmatch(r"\s*(\d{4})-(\d{1,2})-(\d{1,2})\s*", value)
+        if isinstance(value, str)
+        else None
+    )
+    if match is None:
+        return None
+    import cftime
+
+    try:
+        return cftime.datetime(*map(int, match.groups()), calendar="360_day")
+    except ValueError:
+        return None
+
+
+def _date_fields(date) -> tuple[int, ...]:
+    """(year, month, day, hour, minute, second): orders dates of any calendar."""
+    return tuple(
+        int(getattr(date, f)) for f in ("year", "month", "day", "hour", "minute", "second")
+    )
+
+
+def parse_time_range(text: str) -> tuple[str, str]:
+    """`"START,END"` (inclusive dates, e.g. `2001-03-01,2001-08-31`) -> (start, end)."""
+    start, sep, end = text.partition(",")
+    if not sep:
+        raise TaskError(f"a time range is 'START,END', got {text!r}")
+    _check_time_range((start, end))
+    return (start, end)
+
+
+def _check_time_range(time_range: object) -> None:
+    if not isinstance(time_range, tuple | list) or len(time_range) != 2:
+        raise TaskError(f"a time range is a (start, end) pair, got {time_range!r}")
+    start, end = (parse_time(v) for v in time_range)
+    if _date_fields(start) > _date_fields(end):
+        raise TaskError(f"empty time range {tuple(time_range)!r}: start is after end")
+
+
+def parse_fractions(text: str) -> tuple[float, float, float]:
+    """`"train,val,test"` split fractions, e.g. `0.7,0.15,0.15`."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise TaskError(f"split fractions are 'train,val,test', got {text!r}") from None
+    _check_fractions(values)
+    return values  # type: ignore[return-value]
+
+
+def _check_fractions(f: object) -> None:
+    ok = (
+        isinstance(f, tuple | list)
+        and len(f) == 3
+        and all(_finite(v) for v in f)
+        and min(f) >= 0
+        and f[0] > 0
+        and abs(sum(float(v) for v in f) - 1.0) <= 1e-6
+    )
+    if not ok:
+        raise TaskError(
+            f"split fractions must be 3 non-negative numbers summing to 1 (train > 0), got {f!r}"
+        )
+
+
 @dataclass(frozen=True)
 class Box:
-    """A latitude/longitude box in degrees; longitudes in [-180, 180] (0..360 cubes work too)."""
+    """A latitude/longitude box in degrees.
+
+    Longitudes compare modulo 360, so one box works on -180..180 and 0..360 (ERA5) cubes alike:
+    `lon -10..40` selects 350..360 and 0..40 on a 0..360 grid, and `lon 160..200` (or
+    `-200..-160`) is a box across the antimeridian. A box 360° or wider selects every longitude.
+    """
 
     lat_min: float
     lat_max: float
     lon_min: float = -180.0
     lon_max: float = 180.0
+
+    def __post_init__(self) -> None:
+        values = (self.lat_min, self.lat_max, self.lon_min, self.lon_max)
+        if not all(_finite(v) for v in values):
+            raise TaskError(f"a box takes four finite numbers, got {values!r}")
+        if self.lat_min >= self.lat_max or self.lon_min >= self.lon_max:
+            raise TaskError(f"empty box {values!r}: minimum must be below maximum")
 
     @classmethod
     def parse(cls, text: str) -> Box:
@@ -48,19 +165,21 @@ class Box:
             values = [float(v) for v in text.split(",")]
         except ValueError:
             values = []
-        if len(values) not in (2, 4):
-            raise TaskError(f"a box is 'lat_min,lat_max[,lon_min,lon_max]', got {text!r}")
-        box = cls(*values)
-        if box.lat_min >= box.lat_max or box.lon_min >= box.lon_max:
+        if len(values) not in (2, 4) or not all(math.isfinite(v) for v in values):
+            raise TaskError(
+                f"a box is 'lat_min,lat_max[,lon_min,lon_max]' in finite degrees, got {text!r}"
+            )
+        if values[0] >= values[1] or (len(values) == 4 and values[2] >= values[3]):
             raise TaskError(f"empty box {text!r}: minimum must be below maximum")
-        return box
+        return cls(*values)
 
     def lat_mask(self, lat: np.ndarray) -> np.ndarray:
         return (lat >= self.lat_min) & (lat <= self.lat_max)
 
     def lon_mask(self, lon: np.ndarray) -> np.ndarray:
-        wrapped = (np.asarray(lon) + 180.0) % 360.0 - 180.0
-        return (wrapped >= self.lon_min) & (wrapped <= self.lon_max)
+        """Longitudes east of `lon_min` by at most the box's width, whatever their convention."""
+        east = (np.asarray(lon, dtype=np.float64) - self.lon_min) % 360.0
+        return east <= self.lon_max - self.lon_min
 
     def __str__(self) -> str:
         return f"lat {self.lat_min:g}..{self.lat_max:g}, lon {self.lon_min:g}..{self.lon_max:g}"
@@ -91,22 +210,53 @@ class TaskSpec:
     def parts(self) -> tuple[str, ...]:
         return PARTS + TARGET_PARTS if self.split == "region" else PARTS
 
+    def __post_init__(self) -> None:
+        # lists become tuples (hashable, and `features` concatenates them); then every field
+        # is checked, so a bad spec fails where it is made, before any cube is opened
+        for name in ("inputs", "coord_features", "fractions", "block_chunks", "time_range"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        self.validate()
+
     def validate(self) -> None:
+        """Raise a TaskError (one line) unless every field has a usable value."""
+        for field in ("name", "target"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value:
+                raise TaskError(f"{field} must be a non-empty string, got {value!r}")
+        for field in ("inputs", "coord_features"):
+            value = getattr(self, field)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
+                raise TaskError(f"{field} must be a tuple of variable names, got {value!r}")
+        if not self.inputs:
+            raise TaskError("a task needs at least one input variable")
         unknown = set(self.coord_features) - set(COORD_FEATURES)
         if unknown:
             raise TaskError(
                 f"unknown coordinate feature(s) {sorted(unknown)}; known: {list(COORD_FEATURES)}"
             )
-        f = self.fractions
-        finite = len(f) == 3 and all(np.isfinite(v) for v in f)
-        if not finite or min(f) < 0 or f[0] <= 0 or abs(sum(f) - 1.0) > 1e-6:
-            raise TaskError(f"split fractions must be 3 non-negative numbers summing to 1, got {f}")
-        if min(self.block_chunks) < 1:
-            raise TaskError(f"block_chunks must be positive, got {self.block_chunks}")
-        if self.split == "region" and (self.source_box is None or self.target_box is None):
-            raise TaskError("region split needs both a source box and a target box")
+        _check_fractions(self.fractions)
+        b = self.block_chunks
+        if not (
+            isinstance(b, tuple)
+            and len(b) == 3
+            and all(isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in b)
+            and min(b) >= 1
+        ):
+            raise TaskError(f"block_chunks must be 3 positive integers, got {b!r}")
+        for field in ("region", "source_box", "target_box"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, Box):
+                raise TaskError(f"{field} must be a Box or None, got {value!r}")
+        if self.time_range is not None:
+            _check_time_range(self.time_range)
         if self.split not in ("blocks", "region"):
             raise TaskError(f"split must be 'blocks' or 'region', got {self.split!r}")
+        if self.split == "region" and (self.source_box is None or self.target_box is None):
+            raise TaskError("region split needs both a source box and a target box")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise TaskError(f"seed must be an integer, got {self.seed!r}")
 
 
 # The reference use case of the DeepESDL ML toolkits.
@@ -375,14 +525,19 @@ def _selection(ds: xr.Dataset, box: Box | None, time_range: tuple[str, str] | No
     if time_range is None:
         tmask = np.ones(time.size, bool)
     else:
-        try:
-            start, end = (pd.Timestamp(v) for v in time_range)
-        except ValueError as exc:
-            raise TaskError(f"bad time range {time_range}: {exc}") from None
+        start, end = (parse_time(v) for v in time_range)
         index = time.to_index()
-        if not isinstance(index, pd.DatetimeIndex):  # cftime calendars compare with their dates
+        if isinstance(index, pd.DatetimeIndex):
+            if not isinstance(start, pd.Timestamp) or not isinstance(end, pd.Timestamp):
+                raise TaskError(f"time range {time_range} is not in the cube's standard calendar")
+        else:  # cftime calendars (360_day, noleap...) compare with dates of their own calendar
             cls = type(index[0])
-            start, end = (cls(v.year, v.month, v.day) for v in (start, end))
+            try:
+                start, end = (cls(*_date_fields(v)) for v in (start, end))
+            except ValueError as exc:
+                raise TaskError(
+                    f"time range {time_range} not in the cube's calendar: {exc}"
+                ) from None
         tmask = np.asarray((index >= start) & (index <= end))
     return Selection(
         tmask,
@@ -467,7 +622,11 @@ def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None)
                 )
             )
             keys.append((group, block))
-    moments = _compute(tasks, scheduler)
+    try:
+        moments = _compute(tasks, scheduler)
+    except Exception:  # a corrupted chunk fails deep in a codec: say which variable and chunk
+        raise_unreadable_chunk(ds, names, (slices(block) for _, block in keys))
+        raise
     by_block = dict(zip(keys, moments))
 
     assigned: dict[str, list] = {}
@@ -500,7 +659,7 @@ def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None)
     prepared = PreparedTask(
         spec=spec,
         cube=ds,
-        fingerprint=cube_fingerprint(ds),
+        fingerprint=_fingerprint(ds, names),
         chunk_shape=chunk_shape,
         block_shape=block_shape,
         block_edges=edges,
@@ -520,6 +679,14 @@ def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None)
         blocks_in_both_boxes=in_both,
     )
     return prepared
+
+
+def _fingerprint(ds: xr.Dataset, names: Sequence[str]) -> str:
+    try:
+        return cube_fingerprint(ds)
+    except Exception:
+        raise_unreadable_chunk(ds, names)
+        raise
 
 
 def _compute(tasks: list, scheduler: str | None) -> list[Moments]:

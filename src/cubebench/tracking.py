@@ -13,6 +13,7 @@ Where: `MLFLOW_TRACKING_URI` when set; otherwise a sqlite store in the results d
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -193,6 +194,23 @@ def suite_params(manifest: dict) -> dict[str, str]:
 # --- pushing ----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str, results_root: Path) -> Iterator[None]:
+    """Two suites starting at once on a new sqlite store would both run mlflow's schema
+    migrations ("duplicate column name: step"): the first to hold this lock runs them."""
+    if not uri.startswith("sqlite:"):  # a server serialises for itself
+        yield
+        return
+    root = Path(results_root)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / f".{STORE_DB}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class Store:
     """An mlflow store and the experiment a results directory goes to."""
@@ -204,9 +222,10 @@ class Store:
     @classmethod
     def open(cls, results_root: Path, experiment: str = EXPERIMENT) -> Store:
         uri = store_uri(results_root)
-        client = _client(uri)
         artifacts = _artifact_root(uri, results_root)
-        return cls(uri, _experiment_id(client, experiment, artifacts), client)
+        with _store_lock(uri, results_root):  # the client creates (migrates) the store
+            client = _client(uri)
+            return cls(uri, _experiment_id(client, experiment, artifacts), client)
 
     def parent(self, run_dir: Path, manifest: dict, environment: dict) -> str:
         """The suite's parent run: found by its tags, else created."""

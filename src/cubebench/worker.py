@@ -8,11 +8,13 @@ raises; stdout carries one JSON progress event per line for the runner's progres
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -30,6 +32,22 @@ from cubebench.redact import scrub
 
 # storage options travel in the environment, never in a file: they may hold credentials
 STORAGE_OPTIONS_ENV = "CUBEBENCH_STORAGE_OPTIONS"
+RUNNER_PID_ENV = "CUBEBENCH_RUNNER_PID"
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_runner() -> None:
+    """Ask Linux to SIGKILL this worker when the runner dies, SIGKILL included: an orphaned
+    case must not go on writing into a run that `cubebench run --resume` will complete."""
+    runner = int(os.environ.get(RUNNER_PID_ENV) or 0)
+    if not runner or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != runner:  # the runner died before the request was in place
+        os._exit(1)
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -231,6 +249,7 @@ def run(spec: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    die_with_runner()
     spec = json.loads(Path(argv[0]).read_text())
     result = run(spec)
     results.validate(result)

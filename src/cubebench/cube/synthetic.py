@@ -94,8 +94,8 @@ def layout_chunks(layout: str, shape: tuple[int, int, int]) -> tuple[int, int, i
         return (min(nt, 256), tile, tile)
     if layout == "balanced":
         return (math.ceil(nt / 4), math.ceil(ny / 4), math.ceil(nx / 4))
-    if "," in layout:
-        return parse_chunks(layout)
+    if "," in layout:  # a chunk longer than its axis is the whole axis
+        return tuple(min(c, n) for c, n in zip(parse_chunks(layout), shape))  # type: ignore[return-value]
     raise CubeError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)} or 't,y,x'")
 
 

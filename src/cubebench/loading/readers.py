@@ -8,6 +8,11 @@ handles credentials) and to xarray's backend (NetCDF and anything else).
 
 Readers are picklable: they hold only addresses and open their handles lazily in each process
 (torch DataLoader workers are spawned).
+
+The Zarr readers return what is stored; where the cube's CF encoding changes values
+(`_FillValue` / `missing_value` other than NaN, int packing with `scale_factor` /
+`add_offset`), they decode it as xarray did when it opened the cube, so every reader delivers
+the values of the reference definition: a -9999 fill is missing, never -9999 K.
 """
 
 from __future__ import annotations
@@ -49,6 +54,34 @@ def _stored_names(ds: xr.Dataset) -> dict[str, str]:
     return json.loads(ds.attrs.get("cubebench_stored_names", "{}"))
 
 
+_CF_KEYS = ("_FillValue", "missing_value", "scale_factor", "add_offset", "_Unsigned")
+
+
+def cf_encodings(ds: xr.Dataset) -> dict[str, dict]:
+    """Per variable, the CF attributes xarray decoded it with, where decoding changes values.
+
+    A NaN `_FillValue` on a float variable changes nothing (a raw NaN is already missing), so
+    the common float cube needs no decoding at all.
+    """
+    out: dict[str, dict] = {}
+    for name, var in ds.data_vars.items():
+        attrs = {k: var.encoding[k] for k in _CF_KEYS if k in var.encoding}
+        fills = [attrs[k] for k in ("_FillValue", "missing_value") if k in attrs]
+        scaled = any(k in attrs for k in ("scale_factor", "add_offset", "_Unsigned"))
+        if scaled or any(not np.isnan(np.asarray(f, np.float64)).all() for f in fills):
+            out[str(name)] = attrs
+    return out
+
+
+def cf_decode(var: str, raw: np.ndarray, attrs: dict) -> np.ndarray:
+    """Stored values -> what xarray shows (fill values -> NaN, unpacked): xarray's own coders."""
+    from xarray.conventions import decode_cf_variable
+
+    stored = xr.Variable(tuple(f"d{i}" for i in range(raw.ndim)), raw, attrs=dict(attrs))
+    decoded = decode_cf_variable(var, stored, decode_times=False, decode_timedelta=False)
+    return np.asarray(decoded.values)
+
+
 def _is_local_zarr(store: str) -> bool:
     return os.path.isdir(store) and any(
         os.path.exists(os.path.join(store, m)) for m in ("zarr.json", ".zgroup", ".zmetadata")
@@ -58,15 +91,26 @@ def _is_local_zarr(store: str) -> bool:
 class _ZarrBase:
     """Shared by readers that address a Zarr store directly."""
 
-    def __init__(self, store: str, stored_names: dict[str, str], storage_options: dict | None):
+    def __init__(
+        self,
+        store: str,
+        stored_names: dict[str, str],
+        storage_options: dict | None,
+        cf: dict[str, dict] | None = None,
+    ):
         self.store = store
         self.stored_names = stored_names
         self.storage_options = storage_options
+        self.cf = cf or {}  # variable -> CF attributes to decode with (`cf_encodings`)
         self._arrays: dict = {}
         self._sizes: dict[str, dict[str, int]] = {}
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_arrays": {}, "_sizes": {}}
+
+    def _decoded(self, var: str, raw: np.ndarray) -> np.ndarray:
+        attrs = self.cf.get(var)
+        return raw if attrs is None else cf_decode(var, raw, attrs)
 
     def _zarr_array(self, var: str):
         import zarr
@@ -99,7 +143,7 @@ class ZarrReader(_OneByOne, _ZarrBase):
     name = "zarr"
 
     def read(self, var: str, window: Window) -> np.ndarray:
-        return np.asarray(self._zarr_array(var)[window])
+        return self._decoded(var, np.asarray(self._zarr_array(var)[window]))
 
 
 class ZarrsReader(_OneByOne, _ZarrBase):
@@ -116,7 +160,7 @@ class ZarrsReader(_OneByOne, _ZarrBase):
                 self._arrays[key] = zarr.open_array(
                     self.store, path=self.stored_names.get(var, var), mode="r"
                 )
-        return np.asarray(self._arrays[key][window])
+        return self._decoded(var, np.asarray(self._arrays[key][window]))
 
 
 class TensorstoreReader(_ZarrBase):
@@ -136,11 +180,11 @@ class TensorstoreReader(_ZarrBase):
         return self._arrays[key]
 
     def read(self, var: str, window: Window) -> np.ndarray:
-        return self._array(var)[window].read().result()
+        return self._decoded(var, self._array(var)[window].read().result())
 
     def read_many(self, names: Sequence[str], window: Window) -> list[np.ndarray]:
         reads = [self._array(v)[window].read() for v in names]  # all in flight at once
-        return [r.result() for r in reads]
+        return [self._decoded(v, r.result()) for v, r in zip(names, reads)]
 
 
 class XarrayReader(_OneByOne):
@@ -187,4 +231,4 @@ def open_reader(
     if name == "xarray":
         return XarrayReader(ds)
     cls = {"zarr": ZarrReader, "zarrs": ZarrsReader, "tensorstore": TensorstoreReader}[name]
-    return cls(ds.attrs["cubebench_store"], _stored_names(ds), storage_options)
+    return cls(ds.attrs["cubebench_store"], _stored_names(ds), storage_options, cf_encodings(ds))

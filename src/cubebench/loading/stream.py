@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cubebench.cube.integrity import chunk_error
+from cubebench.errors import ChunkReadError
 from cubebench.loading.kernels import chunk_records, copy_runs, warm_up
 from cubebench.loading.readers import ChunkReader, open_reader
 from cubebench.task import PreparedTask
@@ -173,6 +175,20 @@ class ChunkStream:
             for j, name in enumerate(names, start=n_inputs)
         ]
 
+    def _read(self, chunk: ChunkIndex, window: tuple[slice, slice, slice]) -> list[np.ndarray]:
+        """Every variable on one chunk; a chunk that cannot be read is named in the error."""
+        try:
+            return self.reader.read_many(self.variables, window)
+        except Exception as error:
+            for var in self.variables:  # which one? read them alone
+                try:
+                    self.reader.read(var, window)
+                except Exception as alone:
+                    raise ChunkReadError(chunk_error(self.task.cube, var, chunk, alone)) from None
+            raise ChunkReadError(
+                chunk_error(self.task.cube, "/".join(self.variables), chunk, error)
+            ) from None
+
     def decode(self, chunk: ChunkIndex, epoch: int | None = None) -> Decoded:
         """Read, mask and normalise one chunk: float32 (X[n, F], y[n]) of its valid samples.
 
@@ -182,7 +198,7 @@ class ChunkStream:
         """
         start = time.perf_counter()
         window = self.window(chunk)
-        arrays = self.reader.read_many(self.variables, window)
+        arrays = self._read(chunk, window)
         sel = self.task.selections[self.part]
         selection = tuple(mask[w] for mask, w in zip((sel.time, sel.lat, sel.lon), window))
         # the coordinate features along this chunk's window, one row per feature
