@@ -182,3 +182,36 @@ def test_the_cuda_lock_resolves_with_one_cuda_stack():
 
 def _canonical(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
+
+
+def test_a_dead_tracking_server_costs_the_container_run_nothing(image, tmp_path):
+    """mlflow is down when the suite starts in the container: the case runs, its result lands
+    on the host, and `cubebench sync` on the host pushes it afterwards."""
+    import socket
+
+    with socket.socket() as probe:  # a loopback port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    out = tmp_path / "results"
+    env = {**os.environ, "CUBEBENCH_RESULTS": str(out), "MLFLOW_TRACKING_URI": dead}
+    args = ["--cube", "synthetic:tiny", "--cases", "sklearn-sgd", "--run-id", "offline"]
+    proc = _nox("-s", "bench-cpu", "--", *args, env=env)
+    assert "cubebench sync /results/offline" in proc.stdout + proc.stderr
+    _, found = results.load_run(out / "offline")
+    assert [(r["case"], r["status"]) for r in found] == [("sklearn-sgd", "ok")]
+
+    host_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    sync = subprocess.run(
+        [sys.executable, "-m", "cubebench", "sync", str(out / "offline")],
+        capture_output=True,
+        text=True,
+        env=host_env,
+        timeout=300,
+    )
+    assert sync.returncode == 0, sync.stderr
+    assert "pushed 1 case(s) (sklearn-sgd)" in sync.stdout
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cubebench")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`cubebench.role` = 'case'")
+    assert run.data.tags["cubebench.complete"] == "true"
+    assert run.data.metrics["rmse"] == found[0]["metrics"]["rmse"]

@@ -21,6 +21,9 @@ FAULTY_CASES = {
     "raises": "raise RuntimeError('boom in fit')",
     "hangs": "import time; time.sleep(600)",
     "killed": "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+    # beyond a memory limit (as `ulimit -v` or a batch system sets): 32 GiB under a 16 GiB cap
+    "oom": "import resource; resource.setrlimit(resource.RLIMIT_AS, (2**34, 2**34)); "
+    "bytearray(2**35)",
 }
 
 
@@ -80,18 +83,20 @@ def test_faults_become_failed_results_and_the_suite_goes_on(faulty_run):
     assert proc.returncode == 1, proc.stderr  # some cases failed
     manifest, found = results.load_run(run_dir)  # every file validates against the schema
     by_case = {r["case"]: r for r in found}
-    assert list(by_case) == ["mean", "hangs", "killed", "raises"]  # the manifest's order
+    assert list(by_case) == ["mean", "hangs", "killed", "oom", "raises"]  # the manifest's order
     assert by_case["mean"]["status"] == "ok"
     assert by_case["raises"]["status"] == "failed"
     assert by_case["raises"]["reason"] == "RuntimeError: boom in fit"
     assert by_case["hangs"]["reason"] == "timed out after 30 s"
-    assert by_case["killed"]["reason"].startswith("killed by SIGKILL")
+    assert by_case["killed"]["reason"] == "killed by SIGKILL (out of memory?)"
+    assert by_case["oom"]["reason"].startswith("MemoryError")
     assert manifest["status"] == "finished"
     assert {n: o["status"] for n, o in manifest["outcomes"].items()} == {
         "mean": "ok",
         "raises": "failed",
         "hangs": "failed",
         "killed": "failed",
+        "oom": "failed",
     }
     # the traceback of the raising case is kept in its log, not in the result
     assert "Traceback" in (run_dir / "logs" / "raises.log").read_text()
