@@ -343,3 +343,33 @@ def test_make_cube_force_over_a_file(tmp_path):
     else:
         assert_user_error(proc, str(out))
         assert out.read_text() == "a file, not a store"
+
+
+def test_run_stops_before_any_case_when_a_split_part_would_be_empty(tmp_path, tiny_cached):
+    """One chunk holds the whole cube: no train/val/test split. `run` says so once, before
+    any case starts, and leaves no run behind."""
+    cube = tmp_path / "one-chunk.zarr"
+    made = run_cli("make-cube", "--preset", "tiny", "--chunks", "46,45,90", "--output", str(cube))
+    assert made.returncode == 0, made.stderr
+    out = tmp_path / "results"
+    proc = run_cli("run", "--cube", str(cube), "--out", str(out), "--no-tracking")
+    assert_user_error(proc, "task lst-from-t2m", "too few")
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["broken-json", "unknown-codec"])
+def test_unreadable_metadata(tmp_path, damage):
+    """A store whose metadata zarr rejects: one line naming the store, no traceback."""
+    cube = good_cube(tmp_path / "cube.zarr")
+    meta = cube / "land_surface_temperature" / "zarr.json"
+    if damage == "broken-json":
+        meta.write_text(meta.read_text()[:-20])
+    else:
+        text = json.loads(meta.read_text())
+        text["codecs"].append({"name": "no-such-codec", "configuration": {}})
+        meta.write_text(json.dumps(text))
+    for consolidated in (cube / "zarr.json",):  # the consolidated copy must not hide it
+        root = json.loads(consolidated.read_text())
+        root.pop("consolidated_metadata", None)
+        consolidated.write_text(json.dumps(root))
+    assert_user_error(run_cli("prepare", "--cube", str(cube)), str(cube))

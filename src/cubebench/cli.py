@@ -205,7 +205,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "threads": args.threads,
             "timeout": args.timeout,
         }
-    open_cube(settings["cube"], storage_options=options)  # a bad cube fails here, made once
+    cube = open_cube(settings["cube"], storage_options=options)  # a bad cube fails here
+    _preflight(cube, {available[name][1].task for name in settings["cases"]})
     if not args.resume:
         run_dir = claim_run_dir(args.out, args.run_id)
     cases = settings["cases"]
@@ -264,6 +265,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for outcome in failed:
         print(f"failed:  {outcome.case}: {outcome.reason}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _preflight(cube, tasks: set[str]) -> None:
+    """Prepare every task once before any case starts: a region without valid samples or too
+    few blocks for a split is one line now, not the same failure in every case. Other
+    problems (an unreadable chunk) are left to the cases that meet them."""
+    from cubebench.errors import TaskError
+    from cubebench.task import get_task, prepare_task
+
+    for name in sorted(tasks):
+        try:
+            prepare_task(get_task(name), cube)
+        except TaskError as error:
+            raise CubebenchError(f"task {name}: {error}") from None
+        except Exception:
+            pass
 
 
 def _interrupt(signum, frame) -> None:

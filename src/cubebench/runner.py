@@ -163,7 +163,8 @@ def run_case(
     start = time.perf_counter()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cubebench.worker", str(spec_path)],
+            # -P: the current directory is not on the path, so a `numpy.py` there is not run
+            [sys.executable, "-P", "-m", "cubebench.worker", str(spec_path)],
             stdout=subprocess.PIPE,
             stderr=log,
             env=env,

@@ -51,9 +51,9 @@ def parse_time(value: object) -> pd.Timestamp:
     A date that only a 360_day calendar has (`"2001-02-30"`, climate model output) comes back
     as a cftime date of that calendar; `_selection` checks it against the cube's calendar.
     """
-    if isinstance(value, bool) or not isinstance(value, str | np.datetime64 | pd.Timestamp):
-        if not hasattr(value, "year"):  # datetime.date and datetime.datetime go through
-            raise TaskError(f"a date is text like '2001-03-01', got {value!r}")
+    text_or_stamp = isinstance(value, str | np.datetime64 | pd.Timestamp)
+    if isinstance(value, bool) or not (text_or_stamp or hasattr(value, "year")):  # a datetime
+        raise TaskError(f"a date is text like '2001-03-01', got {value!r}")
     try:
         stamp = pd.Timestamp(value)
     except (ValueError, TypeError, OverflowError) as exc:

@@ -68,7 +68,8 @@ class SyntheticSpec:
         unknown = set(options) - known
         if unknown:
             raise CubeError(
-                f"unknown option(s) {sorted(unknown)} in {spec!r}; known: {', '.join(sorted(known))}"
+                f"unknown option(s) {sorted(unknown)} in {spec!r}; "
+                f"known: {', '.join(sorted(known))}"
             )
         try:
             seed = int(options.get("seed", 0))
@@ -178,10 +179,10 @@ def refuse_code_running_codecs(target: str, storage_options: dict | None = None)
         for name, meta in v3.items():
             arrays[f"{name} (consolidated zarr.json)"] = meta
             names.add(str(name))
-    try:  # the arrays' own metadata, which a reader may use instead of the consolidated copy
+    # the arrays' own metadata, which a reader may use instead of the consolidated copy;
+    # without a listing (plain HTTP) the consolidated names only
+    with contextlib.suppress(Exception):
         names |= {str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
-    except Exception:  # no listing (plain HTTP): the consolidated names only
-        pass
     per_array = [f"{root}/{n}/{m}" for n in sorted(names) for m in (".zarray", "zarr.json")]
     for path, meta in _cat_json(fs, per_array).items():
         arrays[path.removeprefix(root + "/")] = meta
@@ -323,3 +324,8 @@ def _open_local(path: Path, storage_options: dict | None) -> xr.Dataset:
         raise CubeError(f"permission denied reading {exc.filename or path}") from None
     except OSError as exc:
         raise CubeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except CubeError:
+        raise
+    except Exception as exc:  # metadata the readers reject: broken JSON, an unknown codec...
+        reason = str(exc).splitlines()[0][:300] if str(exc) else ""
+        raise CubeError(f"cannot open {path}: {type(exc).__name__}: {reason}") from None
