@@ -1,6 +1,6 @@
-"""Automation (see README): `tests`, `lint`, `bench`, `report`, `mlflow-ui` in local venvs;
-`asv`, `asv-compare`, `asv-gate` run the asv suite; `base-image`, `image-cpu`, `image-cuda`,
-`bench-cpu`, `bench-gpu` drive Docker."""
+"""Automation (see README): `tests`, `lint`, `notebooks`, `bench`, `report`, `mlflow-ui` in
+local venvs; `asv`, `asv-compare`, `asv-gate` run the asv suite; `base-image`, `image-cpu`,
+`image-cuda`, `bench-cpu`, `bench-gpu` drive Docker."""
 
 from __future__ import annotations
 
@@ -28,6 +28,15 @@ def tests(session: nox.Session) -> None:
     session.run("bash", "images/ensure-docker.sh", external=True)
     session.install("-e", ".[dev,sklearn,torch,tf,track]")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def notebooks(session: nox.Session) -> None:
+    """Every notebook in notebooks/ executed with papermill on the tiny cube, one epoch
+    (tests/test_notebooks.py; the tests session runs them too). Arguments after `--` go to
+    pytest."""
+    session.install("-e", ".[dev,sklearn,torch,tf,track,notebooks]")
+    session.run("pytest", "tests/test_notebooks.py", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -388,6 +388,29 @@ def _html_table(
     return "\n".join(out)
 
 
+def _value_text(value: Any) -> str:
+    if isinstance(value, float):
+        return fmt(value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_value_text(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_value_text(v) for v in value)
+    return MISSING if value is None else str(value)
+
+
+def facts_table(rows: dict[str, Any] | Sequence[tuple[str, Any]], title: str | None = None) -> str:
+    """A two-column (name, value) HTML table: the `_repr_html_` of a prepared task, loading
+    costs, an inline run. Floats as in the report (`fmt`)."""
+    items = rows.items() if isinstance(rows, dict) else rows
+    e = html.escape
+    body = "".join(
+        f"<tr><th style='text-align:left'>{e(str(k))}</th><td>{e(_value_text(v))}</td></tr>"
+        for k, v in items
+    )
+    caption = f"<caption style='text-align:left'><b>{e(title)}</b></caption>" if title else ""
+    return f"<table>{caption}{body}</table>"
+
+
 def _facts_html(facts: Sequence[tuple[str, str]]) -> str:
     e = html.escape
     items = "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in facts)
@@ -641,6 +664,89 @@ def _load(run_dir: Path) -> tuple[dict, list[dict], dict | None]:
             (r["environment"] for r in results if isinstance(r.get("environment"), dict)), None
         )
     return manifest, results, env
+
+
+class Png(bytes):
+    """PNG bytes that Jupyter shows as an image."""
+
+    def _repr_png_(self) -> bytes:
+        return bytes(self)
+
+
+class RunResults:
+    """A results directory (`cubebench run`) in a notebook: the report's rows as a pandas
+    DataFrame (`table()`), the report's tables as HTML (`_repr_html_`) and its plots
+    (`plot(name)`, PNG). Everything comes from the functions `write_report` uses."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.manifest, self.results, self.environment = _load(self.run_dir)
+        cases = self.manifest.get("cases")
+        self.rows = results_table(self.results, cases if isinstance(cases, list) else None)
+        self.transfer = transfer_table(self.results)
+
+    @property
+    def cases(self) -> list[str]:
+        """Every case of the run: the manifest's list, then any other result file's case."""
+        return [row["case"] for row in self.rows]
+
+    def table(self, raw: bool = False):
+        """One row per case (index: case). `raw=False`: the report's columns and headers with
+        unrounded numbers; `raw=True`: every key of `results_table`'s rows."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.rows)
+        if not raw:
+            cols = [c for c in columns(_units(self.rows)) if c.key in frame.columns]
+            frame = frame[[c.key for c in cols]].set_axis([c.header for c in cols], axis=1)
+        return frame.set_index(frame.columns[0])
+
+    def transfer_frame(self):
+        """RMSE per predictor and the transfer gain of the cases that evaluated several."""
+        import pandas as pd
+
+        names, rows = self.transfer
+        data = [{"case": r["case"], **r["rmse"], "transfer_gain": r["transfer_gain"]} for r in rows]
+        return pd.DataFrame(data, columns=["case", *names, "transfer_gain"]).set_index("case")
+
+    def plot(self, name: str = ACCURACY_PNG) -> Png:
+        """One of the report's plots (`PLOTS`), drawn afresh from the results."""
+        import tempfile
+
+        plotters: dict[str, Callable[[Path], Path]] = {
+            ACCURACY_PNG: lambda p: plot_accuracy_vs_throughput(self.rows, p),
+            LOADING_PNG: lambda p: plot_loading_vs_compute(self.rows, p),
+            LOSS_PNG: lambda p: plot_loss_curves(self.results, p),
+        }
+        if name not in plotters:
+            raise KeyError(f"unknown plot {name!r}; plots: {', '.join(plotters)}")
+        with tempfile.TemporaryDirectory() as tmp:
+            return Png(plotters[name](Path(tmp) / name).read_bytes())
+
+    def _repr_html_(self) -> str:
+        title, facts = _title(self.manifest)
+        cols = columns(_units(self.rows))
+        classes = [str(row.get("status") or "") for row in self.rows]
+        parts = [
+            f"<h3>{html.escape(title)}</h3>",
+            _facts_html(facts),
+            _html_table(
+                [c.header for c in cols],
+                _cells(self.rows, cols),
+                [c.numeric for c in cols],
+                classes,
+            ),
+            f"<p>{html.escape(_legend(self.rows))}</p>",
+        ]
+        names, transfer_rows = self.transfer
+        if transfer_rows:
+            headers, cells = _transfer_cells(names, transfer_rows, _units(self.rows))
+            parts += [
+                "<h4>Transfer learning</h4>",
+                _html_table(headers, cells, [False] + [True] * (len(headers) - 1)),
+                f"<p>{html.escape(_TRANSFER_LEGEND)}</p>",
+            ]
+        return "\n".join(parts)
 
 
 def write_report(run_dir: Path) -> list[Path]:

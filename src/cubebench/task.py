@@ -476,6 +476,12 @@ class PreparedTask:
             "noise_floor": self.noise_floor,
         }
 
+    def _repr_html_(self) -> str:
+        """The summary as a table (Jupyter)."""
+        from cubebench.report import facts_table
+
+        return facts_table(self.summary(), f"prepared task {self.spec.name}")
+
 
 def _block_rank_key(seed: int, block: tuple[int, int, int]) -> bytes:
     """A seeded hash of a block's position: its place in the split order."""

@@ -110,7 +110,7 @@ def evaluate(case: Case, context: Context) -> tuple[dict, float, int]:
     )
 
 
-def _library_version(name: str) -> str | None:
+def library_version(name: str) -> str | None:
     from importlib import metadata
 
     for candidate in (name, f"{name}-cpu"):  # tensorflow-cpu provides tensorflow
@@ -119,6 +119,41 @@ def _library_version(name: str) -> str | None:
         except metadata.PackageNotFoundError:
             continue
     return None
+
+
+def epoch_rows(context: Context) -> list[dict]:
+    """The epochs a case logged, as rows of its result."""
+    return [{k: v for k, v in asdict(e).items() if k != "extra"} | e.extra for e in context.epochs]
+
+
+def throughput_record(
+    context: Context, fit: float, n_eval: int, predict_seconds: float
+) -> dict[str, Any]:
+    """Training and inference samples per second of a fitted and evaluated case."""
+    train = context.train_samples or sum(e.samples for e in context.epochs) or None
+    return {
+        "train_samples": train,
+        "train_samples_per_s": train / fit if train and fit else None,
+        "predict_samples_per_s": n_eval / predict_seconds if predict_seconds else None,
+    }
+
+
+def loading_record(context: Context, fit: float) -> dict[str, Any]:
+    """What the case's training streams cost: stall, read amplification, bytes, decode time."""
+    loading = context.loading()
+    used_streams = bool(context.train_streams)
+    return {
+        "stall_fraction": min(1.0, context.stall_seconds / fit) if used_streams else None,
+        "stall_method": (
+            ("estimated" if context.stall_estimated else "measured") if used_streams else None
+        ),
+        "read_amplification": loading.read_amplification if loading.bytes_needed else None,
+        "chunks_decoded": loading.chunks_decoded,
+        "bytes_read": loading.bytes_read,
+        "bytes_decoded": loading.bytes_decoded,
+        "decode_s": round(loading.decode_seconds, 4),
+        "time_to_first_batch_s": loading.time_to_first_batch_s,
+    }
 
 
 def _gpu_peak_mb(device: str) -> float | None:
@@ -146,7 +181,7 @@ def run(spec: dict) -> dict:
         "run_id": spec["run_id"],
         "case": cls.name,
         "library": cls.library,
-        "library_version": _library_version(cls.library),
+        "library_version": library_version(cls.library),
         "task": cls.task,
         "status": "failed",
         "reason": None,
@@ -201,37 +236,12 @@ def run(spec: dict) -> dict:
         fit = time.perf_counter() - start
         emit("phase", phase="evaluating")
         metrics, predict_seconds, n_eval = evaluate(case, context)
-        loading = context.loading()
-        train_samples = context.train_samples or sum(e.samples for e in context.epochs) or None
-        result.update(
-            status="ok",
-            metrics=metrics,
-            epochs=[
-                {k: v for k, v in asdict(e).items() if k != "extra"} | e.extra
-                for e in context.epochs
-            ],
-        )
+        result.update(status="ok", metrics=metrics, epochs=epoch_rows(context))
         result["timing"].update(
             warmup_s=round(warmup, 4), fit_s=round(fit, 4), predict_s=round(predict_seconds, 4)
         )
-        result["throughput"].update(
-            train_samples=train_samples,
-            train_samples_per_s=train_samples / fit if train_samples and fit else None,
-            predict_samples_per_s=n_eval / predict_seconds if predict_seconds else None,
-        )
-        used_streams = bool(context.train_streams)
-        result["loading"] = {
-            "stall_fraction": min(1.0, context.stall_seconds / fit) if used_streams else None,
-            "stall_method": (
-                ("estimated" if context.stall_estimated else "measured") if used_streams else None
-            ),
-            "read_amplification": loading.read_amplification if loading.bytes_needed else None,
-            "chunks_decoded": loading.chunks_decoded,
-            "bytes_read": loading.bytes_read,
-            "bytes_decoded": loading.bytes_decoded,
-            "decode_s": round(loading.decode_seconds, 4),
-            "time_to_first_batch_s": loading.time_to_first_batch_s,
-        }
+        result["throughput"].update(throughput_record(context, fit, n_eval, predict_seconds))
+        result["loading"] = loading_record(context, fit)
     except Exception as error:  # the case failed: say why in one line, keep the traceback
         sys.stderr.write(scrub(traceback.format_exc()))  # the log keeps the traceback
         result["reason"] = scrub(f"{type(error).__name__}: {error}".splitlines()[0][:500])

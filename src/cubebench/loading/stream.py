@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -49,6 +49,16 @@ class LoadStats:
     @property
     def stall_fraction(self) -> float:
         return self.stall_seconds / self.wall_seconds if self.wall_seconds else float("nan")
+
+    def _repr_html_(self) -> str:
+        """The counters and the derived ratios as a table (Jupyter)."""
+        from cubebench.report import facts_table
+
+        rows = asdict(self) | {
+            "read_amplification": self.read_amplification,
+            "stall_fraction": self.stall_fraction,
+        }
+        return facts_table(rows, "loading costs")
 
 
 @dataclass(frozen=True)
