@@ -8,7 +8,6 @@ signal (OOM killer, SIGKILL) becomes a failed result with the reason, and the su
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
 import json
 import os
@@ -27,6 +26,7 @@ from typing import Any
 from cubebench import results
 from cubebench.case import Case
 from cubebench.errors import CubebenchError
+from cubebench.locks import file_lock
 from cubebench.redact import scrub
 from cubebench.tracking import SuiteTracker
 from cubebench.worker import RUNNER_PID_ENV, STORAGE_OPTIONS_ENV
@@ -270,15 +270,11 @@ def hold_run(run_dir: Path):
     """An exclusive lock on a run dir while a suite writes it: a `--resume` of a run that is
     still going is refused. The kernel releases it when the holder dies, SIGKILL included."""
     path = Path(run_dir) / ".lock"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as error:
-        raise CubebenchError(f"cannot lock {run_dir}: {error.strerror}") from None
-    try:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = held.enter_context(file_lock(path, wait=False))
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            holder = path.read_text(errors="replace").strip() or "?"
             raise CubebenchError(
                 f"run {Path(run_dir).name!r} is still running (pid {holder}): "
                 "wait for it or stop it first"
@@ -286,8 +282,6 @@ def hold_run(run_dir: Path):
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
-    finally:
-        os.close(fd)
 
 
 # what a resumed run takes from its manifest (the cube's storage options are never stored)

@@ -13,7 +13,6 @@ Where: `MLFLOW_TRACKING_URI` when set; otherwise a sqlite store in the results d
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import socket
@@ -25,6 +24,7 @@ from typing import Any
 
 from cubebench import results
 from cubebench.errors import CubebenchError
+from cubebench.locks import file_lock
 from cubebench.redact import scrub, scrub_tree
 
 EXPERIMENT = "cubebench"
@@ -201,14 +201,8 @@ def _store_lock(uri: str, results_root: Path) -> Iterator[None]:
     if not uri.startswith("sqlite:"):  # a server serialises for itself
         yield
         return
-    root = Path(results_root)
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / f".{STORE_DB}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(Path(results_root) / f".{STORE_DB}.lock"):
         yield
-    finally:
-        os.close(fd)
 
 
 @dataclass

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from cubebench.cube.synthetic import (
     write_cube,
 )
 from cubebench.errors import CubeError
+from cubebench.locks import file_lock
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https", "az", "abfs", "memory")
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".h5", ".hdf5")
@@ -108,7 +107,7 @@ def make_cube(
         path = cache_dir() / spec.cache_name
         if path.exists():  # written by rename: present means complete (the cache may be read-only)
             return path
-        with _cache_lock(path):
+        with file_lock(path.parent / f".{path.name}.lock"):
             if not path.exists():
                 ds = build_dataset(preset=preset, seed=seed, layout=layout, profile=profile)
                 write_cube(ds, path, zarr_format)
@@ -118,21 +117,6 @@ def make_cube(
         raise CubeError(f"{path} exists; pass --force to overwrite it")
     ds = build_dataset(preset=preset, seed=seed, layout=layout, profile=profile)
     return write_cube(ds, path, zarr_format)
-
-
-@contextlib.contextmanager
-def _cache_lock(path: Path):
-    """An exclusive lock beside a cached cube while it is checked and written."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise CubeError(f"cannot use the cube cache {path.parent}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _is_remote(spec: str) -> bool:
