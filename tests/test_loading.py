@@ -96,7 +96,7 @@ def test_counters_are_consistent(tiny_task):
     for _ in stream.batches(0):
         pass
     stats = stream.stats
-    windows = [stream.window(c) for c in stream.chunks]
+    windows = [stream.chunk_slices(c) for c in stream.chunks]
     chunk_bytes = sum(int(np.prod([w.stop - w.start for w in win])) * 4 for win in windows)
     assert stats.chunks_decoded == len(stream.chunks)
     assert stats.bytes_decoded == chunk_bytes * 2  # input and target

@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from cubebench.loading.stream import ChunkStream, LoadStats, materialize
+from cubebench.loading import Stream, open_stream
+from cubebench.loading.stream import LoadStats, materialize
 from cubebench.task import PreparedTask
 from cubebench.tensorboard import ScalarWriter
 
@@ -59,7 +60,7 @@ class Context:
         self.threads = threads
         self.tensorboard_dir = tensorboard_dir
         self.epochs: list[EpochRecord] = []
-        self.train_streams: list[ChunkStream] = []
+        self.train_streams: list[Stream] = []
         self.stall_seconds = 0.0  # consumer-side waits measured by `timed_batches`
         self.stall_estimated = False
         self.train_samples: int | None = None  # set by cases that log no epochs (in-memory)
@@ -70,11 +71,12 @@ class Context:
     def batch_size(self) -> int:
         return int(self.params.get("batch_size", 4096))
 
-    def stream(self, part: str = "train", *, shuffle: bool = True, **options) -> ChunkStream:
-        """A stream over a part, seeded by the run; training streams count as loading cost."""
+    def stream(self, part: str = "train", *, shuffle: bool = True, **options) -> Stream:
+        """A stream over a part, seeded by the run; training streams count as loading cost.
+        Pixels (`ChunkStream`) or windows (`PatchStream`), by the task's geometry."""
         options.setdefault("batch_size", self.batch_size)
         options.setdefault("threads", self.threads)
-        stream = ChunkStream(self.task, part, shuffle=shuffle, seed=self.seed, **options)
+        stream = open_stream(self.task, part, shuffle=shuffle, seed=self.seed, **options)
         if shuffle:
             self.train_streams.append(stream)
         return stream
@@ -83,7 +85,7 @@ class Context:
         """A seeded in-memory subsample (normalised), for in-memory models."""
         return materialize(self.task, part, max_samples, seed=self.seed, threads=self.threads)
 
-    def timed_batches(self, stream: ChunkStream, epoch: int) -> Iterator[tuple]:
+    def timed_batches(self, stream: Stream, epoch: int) -> Iterator[tuple]:
         """The epoch's batches, counting the time the training loop waits for each one."""
         batches = stream.batches(epoch)
         while True:

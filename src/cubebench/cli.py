@@ -116,19 +116,29 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_loader(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from cubebench.cube import open_cube
     from cubebench.loading.bench import bench_loader
     from cubebench.task import get_task, prepare_task
+    from cubebench.windows import Patch
 
     options = _storage_options(args.storage_option)
+    spec = get_task(args.task)
+    if args.patch and args.geometry == "pixel":
+        raise CubebenchError("--patch sets windows: it does not go with --geometry pixel")
+    if args.patch:
+        spec = replace(spec, patch=Patch.parse(args.patch))
+    elif args.geometry:  # the task's own windows, or the default ones
+        spec = replace(spec, patch=(spec.patch or Patch()) if args.geometry == "patch" else None)
     cube = open_cube(args.cube, storage_options=options)
-    task = prepare_task(get_task(args.task), cube)
+    task = prepare_task(spec, cube)
     if args.part not in task.blocks:
         raise CubebenchError(f"unknown part {args.part!r}; parts: {', '.join(task.blocks)}")
     row = bench_loader(
         task,
         part=args.part,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or (4096 if spec.patch is None else 32),
         adapter=args.adapter,
         epochs=args.epochs,
         threads=args.threads,
@@ -381,7 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cube_args(p)
     p.add_argument("--task", default="lst-from-t2m")
     p.add_argument("--part", default="train")
-    p.add_argument("--batch-size", type=_positive(int), default=4096)
+    p.add_argument(
+        "--geometry",
+        choices=("pixel", "patch"),
+        help="sample pixels or windows (default: the task's; lst-gapfill has windows)",
+    )
+    p.add_argument(
+        "--patch", metavar="T,H,W[/ST,SH,SW]", help="window size and stride (implies patch)"
+    )
+    p.add_argument("--batch-size", type=_positive(int), help="default: 4096 pixels or 32 windows")
     p.add_argument("--adapter", choices=("numpy", "torch", "tf"), default="numpy")
     p.add_argument("--epochs", type=_positive(int), default=1)
     p.add_argument("--threads", type=_positive(int), default=2, help="decode threads")

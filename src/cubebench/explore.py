@@ -349,7 +349,7 @@ def predictions(run: InlineRun, part: str | None = None, predictor: str | None =
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("it", "iy", "ix", "y", "p")}
     for chunk in stream.chunks:
         decoded = stream.decode(chunk)  # no epoch: C order of the chunk, no shuffle
-        window = stream.window(chunk)
+        window = stream.chunk_slices(chunk)
         arrays = stream.reader.read_many(stream.variables, window)
         valid = (
             sel.time[window[0], None, None]

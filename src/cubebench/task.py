@@ -29,6 +29,7 @@ from cubebench.cube.fingerprint import cube_fingerprint
 from cubebench.cube.integrity import raise_unreadable_chunk
 from cubebench.cube.schema import require_variable
 from cubebench.errors import TaskError
+from cubebench.windows import Patch, Windows, cell_counts, hidden_mask, n_cells, place_windows
 
 COORD_FEATURES = ("lat", "lon", "sin_doy", "cos_doy")
 PARTS = ("train", "val", "test")
@@ -200,11 +201,16 @@ class TaskSpec:
     split: Literal["blocks", "region"] = "blocks"
     source_box: Box | None = None  # region split: pretrain here ...
     target_box: Box | None = None  # ... and transfer to here
+    patch: Patch | None = None  # sample geometry: pixels (None) or windows with gaps to fill
     seed: int = 0
 
     @property
     def features(self) -> tuple[str, ...]:
         return self.inputs + self.coord_features
+
+    @property
+    def geometry(self) -> str:
+        return "pixel" if self.patch is None else "patch"
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -257,6 +263,12 @@ class TaskSpec:
             raise TaskError("region split needs both a source box and a target box")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise TaskError(f"seed must be an integer, got {self.seed!r}")
+        if self.patch is not None:
+            if not isinstance(self.patch, Patch):
+                raise TaskError(f"patch must be a Patch or None, got {self.patch!r}")
+            self.patch.validate()
+            if self.split != "blocks":
+                raise TaskError("the patch geometry supports the 'blocks' split only")
 
 
 # The reference use case of the DeepESDL ML toolkits.
@@ -268,6 +280,9 @@ TASKS: dict[str, TaskSpec] = {
         source_box=Box(20.0, 70.0),
         target_box=Box(-60.0, -10.0),
     ),
+    # fill LST gaps in 16 x 16 windows from air temperature and the visible LST around them;
+    # blocks of 2 x 2 chunks in space keep most windows inside one part
+    "lst-gapfill": TaskSpec(name="lst-gapfill", patch=Patch(), block_chunks=(1, 2, 2)),
 }
 
 
@@ -376,16 +391,32 @@ class Moments:
         return np.sqrt(self.m2 / self.n) if self.n else np.full_like(self.mean, np.nan)
 
 
-def _block_moments(
+def _block_stats(
     inputs: list[np.ndarray],
     target: np.ndarray,
     coords: CoordArrays,
     selection: Selection,
     coord_features: tuple[str, ...],
     origin: tuple[int, int, int],
-) -> Moments:
+    patch: Patch | None = None,
+    seed: int = 0,
+) -> tuple[Moments, tuple | None]:
+    """The block's moments and, for the patch geometry, its target pixels per cell."""
     x, y = block_samples(inputs, target, coords, selection, coord_features, origin)
-    return Moments.of(np.column_stack([x, y]))
+    moments = Moments.of(np.column_stack([x, y]))
+    if patch is None:
+        return moments, None
+    ts, ys, xs = (slice(o, o + n) for o, n in zip(origin, target.shape))
+    valid = (
+        np.isfinite(target)
+        & selection.time[ts, None, None]
+        & selection.lat[None, ys, None]
+        & selection.lon[None, None, xs]
+    )
+    for a in inputs:
+        valid &= np.isfinite(a)
+    targets = valid & hidden_mask(patch, seed, ts, ys, xs)
+    return moments, cell_counts(targets, origin, patch.step)
 
 
 # --- the prepared task ----------------------------------------------------------------------
@@ -413,6 +444,7 @@ class PreparedTask:
     noise_floor: float | None
     blocks_without_samples: int
     blocks_in_both_boxes: int = 0
+    windows: Windows | None = None  # patch geometry: the windows of every part
 
     @property
     def block_grid(self) -> tuple[int, int, int]:
@@ -469,11 +501,25 @@ class PreparedTask:
             "blocks_without_samples": self.blocks_without_samples,
             "blocks_in_both_boxes": self.blocks_in_both_boxes,
             "samples": dict(self.samples),
+            **(self._window_summary() if self.windows else {}),
             "feature_mean": dict(zip(spec.features, self.feature_mean.round(6).tolist())),
             "feature_std": dict(zip(spec.features, self.feature_std.round(6).tolist())),
             "target_mean": round(self.target_mean, 6),
             "target_std": round(self.target_std, 6),
             "noise_floor": self.noise_floor,
+        }
+
+    def _window_summary(self) -> dict:
+        patch, windows = self.spec.patch, self.windows
+        assert patch is not None and windows is not None
+        return {
+            "geometry": "patch",
+            "patch": list(patch.size),
+            "stride": list(patch.step),
+            "gap_fraction": patch.gap_fraction,
+            "target_pixels": dict(windows.targets),
+            "windows_dropped_across_parts": windows.dropped_across_parts,
+            "windows_without_targets": windows.without_targets,
         }
 
     def _repr_html_(self) -> str:
@@ -618,22 +664,24 @@ def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None)
         for block in blocks:
             ts, ys, xs = slices(block)
             tasks.append(
-                dask.delayed(_block_moments)(
+                dask.delayed(_block_stats)(
                     [a[ts, ys, xs] for a in arrays],
                     tgt_data[ts, ys, xs],
                     coords,
                     groups[group],
                     spec.coord_features,
                     (ts.start, ys.start, xs.start),
+                    spec.patch,
+                    spec.seed,
                 )
             )
             keys.append((group, block))
     try:
-        moments = _compute(tasks, scheduler)
+        computed = _compute(tasks, scheduler)
     except Exception:  # a corrupted chunk fails deep in a codec: say which variable and chunk
         raise_unreadable_chunk(ds, names, (slices(block) for _, block in keys))
         raise
-    by_block = dict(zip(keys, moments))
+    by_block = {key: m for key, (m, _) in zip(keys, computed)}
 
     assigned: dict[str, list] = {}
     empty = 0
@@ -654,6 +702,11 @@ def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None)
     samples = {
         p: int(sum(by_block[(group_of[p], tuple(b))].n for b in blocks[p])) for p in spec.parts
     }
+    windows = None
+    if spec.patch is not None:
+        shape = tuple(int(n) for n in target.shape)
+        windows = _windows(spec, shape, edges, grid, blocks, [c for _, c in computed])
+        samples = {p: len(windows.origins[p]) for p in spec.parts}
     train = Moments(0, np.zeros(len(spec.features) + 1), np.zeros(len(spec.features) + 1))
     for b in blocks["train"]:
         train = train + by_block[("source", tuple(b))]
@@ -683,8 +736,37 @@ def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None)
         else None,
         blocks_without_samples=empty,
         blocks_in_both_boxes=in_both,
+        windows=windows,
     )
     return prepared
+
+
+def _windows(
+    spec: TaskSpec,
+    shape: tuple[int, int, int],
+    edges: tuple[np.ndarray, ...],
+    grid: tuple[int, ...],
+    blocks: dict[str, np.ndarray],
+    block_cells: list,
+) -> Windows:
+    """The windows of every part, from the per-block cell counts of the dask pass."""
+    patch = spec.patch
+    assert patch is not None
+    cells = np.zeros(n_cells(shape, patch.step), np.int64)
+    for first, counts in block_cells:
+        cells[tuple(slice(f, f + n) for f, n in zip(first, counts.shape))] += counts
+    part_of_block = np.full(grid, -1, np.int64)
+    for code, part in enumerate(spec.parts):
+        part_of_block[tuple(blocks[part].T)] = code
+    windows = place_windows(patch, shape, edges, part_of_block, spec.parts, cells)
+    for part, fraction in zip(spec.parts, spec.fractions):
+        if fraction > 0 and not len(windows.origins[part]):
+            raise TaskError(
+                f"no {tuple(patch.size)} window with pixels to fill lies inside the {part} "
+                f"blocks alone ({windows.dropped_across_parts} windows touch two parts); use "
+                "smaller patches or larger blocks (block_chunks)"
+            )
+    return windows
 
 
 def _fingerprint(ds: xr.Dataset, names: Sequence[str]) -> str:

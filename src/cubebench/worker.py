@@ -76,7 +76,9 @@ def evaluate(case: Case, context: Context) -> tuple[dict, float, int]:
     """Every predictor of the case on its eval part, in physical units.
 
     Returns (metrics of the first predictor + `by_predictor`, seconds the first predictor
-    took, samples). Predictions are denormalised with the train-only statistics.
+    took, samples). Predictions are denormalised with the train-only statistics. On windows
+    (patch tasks), the metrics cover the pixels to fill (the batch's mask) and the samples
+    are windows.
     """
     task = context.task
     mean, std = task.target_mean, task.target_std
@@ -86,15 +88,20 @@ def evaluate(case: Case, context: Context) -> tuple[dict, float, int]:
     for i, (name, predict) in enumerate(case.predictors().items()):
         stream = context.stream(case.eval_part, shuffle=False)
         metrics = RegressionMetrics()
-        seconds = 0.0
-        for x, y in stream.batches(0):
+        seconds, samples = 0.0, 0
+        for x, y, *mask in stream.batches(0):
+            samples += len(x)
             start = time.perf_counter()
             y_hat = np.asarray(predict(x), np.float64).reshape(-1)
             seconds += time.perf_counter() - start
+            y = y.reshape(-1)
+            if mask:  # windows: only the pixels to fill count
+                keep = mask[0].reshape(-1) > 0
+                y, y_hat = y[keep], y_hat[keep]
             metrics.update(y * std + mean, y_hat * std + mean)
         by_predictor[name] = metrics.result(task.noise_floor)
         if i == 0:
-            first_seconds, n = seconds, metrics.n
+            first_seconds, n = seconds, samples
     first = next(iter(by_predictor.values()))
     rmse = {name: m["rmse"] for name, m in by_predictor.items()}
     return (

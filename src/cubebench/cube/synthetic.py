@@ -156,7 +156,7 @@ def _climatology_k(lat_deg: np.ndarray, angle: np.ndarray) -> np.ndarray:
 # --- deterministic random fields -----------------------------------------------------------
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """A counter-based hash: uniform uint64 from any uint64, so noise needs no RNG state."""
     x = x + np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -170,8 +170,8 @@ def hashed_normal(
     """Standard normal noise at global indices (t, y, x): independent of chunking."""
     _, ny, nx = shape
     linear = (t[:, None, None] * ny + y[None, :, None]) * nx + x[None, None, :]
-    h1 = _splitmix64(linear.astype(np.uint64) ^ np.uint64(key))
-    h2 = _splitmix64(h1)
+    h1 = splitmix64(linear.astype(np.uint64) ^ np.uint64(key))
+    h2 = splitmix64(h1)
     u1 = ((h1 >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
     u2 = (h2 >> np.uint64(11)).astype(np.float64) * 2.0**-53
     return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)

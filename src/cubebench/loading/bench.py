@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from cubebench.loading import PatchStream, Stream, open_stream
 from cubebench.loading.readers import ChunkReader, available_readers, open_reader
-from cubebench.loading.stream import ChunkStream
 from cubebench.task import PreparedTask
 
 
@@ -25,14 +25,14 @@ class RawDecode:
     """The bare minimum a loader must do: read every chunk, mask invalid and unselected
     pixels, extract the pairs."""
 
-    def __init__(self, stream: ChunkStream, reader: ChunkReader):
+    def __init__(self, stream: Stream, reader: ChunkReader):
         self.stream = stream
         self.reader = reader
         # open handles outside any timer
-        reader.read(stream.variables[0], stream.window(stream.chunks[0]))
+        reader.read(stream.variables[0], stream.chunk_slices(stream.chunks[0]))
 
     def _one(self, chunk) -> int:
-        window = self.stream.window(chunk)
+        window = self.stream.chunk_slices(chunk)
         arrays = self.reader.read_many(self.stream.variables, window)
         valid = np.isfinite(arrays[0])
         for a in arrays[1:]:
@@ -55,7 +55,7 @@ class RawDecode:
 Epoch = Callable[[int], tuple[int, float | None, float | None]]  # -> pairs, stall, first batch
 
 
-def _numpy_epochs(stream: ChunkStream, iterate) -> Epoch:
+def _numpy_epochs(stream: Stream, iterate) -> Epoch:
     def epoch(index: int) -> tuple[int, float, float | None]:
         pairs, stall, first = 0, 0.0, None
         start = time.perf_counter()
@@ -68,12 +68,12 @@ def _numpy_epochs(stream: ChunkStream, iterate) -> Epoch:
                 return pairs, stall, first
             if first is None:
                 first = time.perf_counter() - start
-            pairs += len(batch[1])
+            pairs += len(batch[1])  # pixels: pairs; patches: windows
 
     return epoch
 
 
-def epoch_runner(adapter: str, stream: ChunkStream, workers: int = 0) -> Epoch:
+def epoch_runner(adapter: str, stream: Stream, workers: int = 0) -> Epoch:
     """epoch index -> one consumed epoch; the framework is imported here, outside timers."""
     if adapter == "numpy":
         return _numpy_epochs(stream, stream.batches)
@@ -88,7 +88,7 @@ def epoch_runner(adapter: str, stream: ChunkStream, workers: int = 0) -> Epoch:
     raise ValueError(f"unknown adapter {adapter!r}")
 
 
-def _tf_epochs(stream: ChunkStream) -> Epoch:
+def _tf_epochs(stream: Stream) -> Epoch:
     """Consume the tf.data pipeline inside a traced graph, as Keras' fit does: iterating it
     from Python would add ~1 ms of eager overhead per batch that training never pays. Stall
     is not observable from inside the graph (None); the first batch is timed by the adapter."""
@@ -122,12 +122,17 @@ def bench_loader(
     reader: str | None = None,
     storage_options: dict | None = None,
 ) -> dict:
-    """One JSON-able row: loader throughput, the raw limit in the same run, and the costs."""
+    """One JSON-able row: loader throughput, the raw limit in the same run, and the costs.
+
+    On a patch task the items are windows: the raw limit is the windows of the part over the
+    time to decode and mask every chunk they need, so `ratio_to_raw` is what assembling,
+    shuffling and batching the windows cost on top of decoding.
+    """
     started = time.perf_counter()
-    stream = ChunkStream(
+    stream = open_stream(
         task,
         part,
-        batch_size,
+        batch_size=batch_size,
         threads=threads,
         buffer_chunks=buffer_chunks,
         reader=reader,
@@ -137,16 +142,19 @@ def bench_loader(
     names = [r for r in available_readers(task.cube) if r != "xarray"] or ["xarray"]
     raws = {n: RawDecode(stream, open_reader(task.cube, n, storage_options)) for n in names}
     by_reader = {}
+    patches = isinstance(stream, PatchStream)
+    items = "windows" if patches else "pairs"
+    per_epoch = task.samples[part]  # windows of a patch task; valid pixels of a pixel task
     for name, raw in raws.items():
         pairs, seconds = raw.run()
-        by_reader[name] = pairs / seconds
+        by_reader[name] = (per_epoch if patches else pairs) / seconds
     best = max(by_reader, key=by_reader.get)
     run_epoch = epoch_runner(adapter, stream, workers)
     raw_pairs = raw_seconds = pairs = seconds = stall = 0.0
     first = None
     for index in range(epochs):
         n, s = raws[best].run()
-        raw_pairs, raw_seconds = raw_pairs + n, raw_seconds + s
+        raw_pairs, raw_seconds = raw_pairs + (per_epoch if patches else n), raw_seconds + s
         start = time.perf_counter()
         n, epoch_stall, epoch_first = run_epoch(index)
         seconds += time.perf_counter() - start
@@ -156,9 +164,11 @@ def bench_loader(
     stats = stream.stats
     workers_used = workers > 0
     raw_rate = raw_pairs / raw_seconds
-    return {
+    row = {
         "cube": task.cube.attrs.get("cubebench_source", "?"),
         "chunk_shape": list(task.chunk_shape),
+        "geometry": task.spec.geometry,
+        **({"patch": list(stream.window)} if patches else {}),
         "part": part,
         "adapter": adapter,
         "reader": stream.reader.name,
@@ -167,11 +177,11 @@ def bench_loader(
         "buffer_chunks": buffer_chunks,
         "workers": workers,
         "epochs": epochs,
-        "pairs": int(pairs),
-        "expected_pairs": task.samples[part] * epochs,
+        items: int(pairs),
+        f"expected_{items}": per_epoch * epochs,
         "seconds": round(seconds, 4),
-        "pairs_per_s": pairs / seconds,
-        "raw_decode_pairs_per_s": raw_rate,
+        f"{items}_per_s": pairs / seconds,
+        f"raw_decode_{items}_per_s": raw_rate,
         "raw_reader": best,
         "raw_by_reader": {name: round(rate) for name, rate in by_reader.items()},
         "ratio_to_raw": (pairs / seconds) / raw_rate,
@@ -186,3 +196,8 @@ def bench_loader(
         "time_to_first_batch_s": first,
         "stall_fraction": None if stall is None else stall / seconds,
     }
+    if patches and not workers_used:  # decoded bytes per byte of the windows delivered
+        t, h, w = stream.window
+        window_bytes = pairs * t * h * w * stream.itemsize * len(stream.variables)
+        row["decoded_over_window_bytes"] = stats.bytes_decoded / window_bytes
+    return row

@@ -137,17 +137,19 @@ class ChunkStream:
             ]
             for idx in np.ndindex(*(len(r) for r in ranges)):
                 chunk = tuple(r[i] for r, i in zip(ranges, idx))
-                if sel.any_in(*self.window(chunk)):
+                if sel.any_in(*self.chunk_slices(chunk)):
                     out.append(chunk)
         return sorted(out)
 
-    def window(self, chunk: ChunkIndex) -> tuple[slice, slice, slice]:
+    def chunk_slices(self, chunk: ChunkIndex) -> tuple[slice, slice, slice]:
         return tuple(  # type: ignore[return-value]
             slice(int(e[i]), int(e[i + 1])) for e, i in zip(self.chunk_edges, chunk)
         )
 
     def _bytes(self, chunks: list[ChunkIndex]) -> int:
-        per_var = sum(int(np.prod([w.stop - w.start for w in self.window(c)])) for c in chunks)
+        per_var = sum(
+            int(np.prod([w.stop - w.start for w in self.chunk_slices(c)])) for c in chunks
+        )
         return per_var * self.itemsize * len(self.variables)
 
     def shard(self, index: int, count: int) -> ChunkStream:
@@ -207,7 +209,7 @@ class ChunkStream:
         cache, and does not depend on thread timing.
         """
         start = time.perf_counter()
-        window = self.window(chunk)
+        window = self.chunk_slices(chunk)
         arrays = self._read(chunk, window)
         sel = self.task.selections[self.part]
         selection = tuple(mask[w] for mask, w in zip((sel.time, sel.lat, sel.lon), window))
@@ -288,48 +290,54 @@ class ChunkStream:
                     future.cancel()
 
     def batches(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """One epoch of `(X[B, F], y[B])` batches cut from the groups; updates `self.stats`.
+        """One epoch of `(X[B, F], y[B])` batches cut from the groups; updates `self.stats`."""
+        return cut_batches(self.groups(epoch), self.batch_size, self.drop_last, self.stats)
 
-        A batch is a view into its group, copied only where it spans two groups. The last,
-        partial batch is kept unless `drop_last`.
-        """
-        stats = self.stats
-        stats.epochs += 1
-        size = self.batch_size
-        started = waiting = time.perf_counter()
 
-        def emit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            stats.stall_seconds += time.perf_counter() - waiting
-            if stats.time_to_first_batch_s is None:
-                stats.time_to_first_batch_s = time.perf_counter() - started
-            stats.samples += len(y)
-            stats.batches += 1
-            return x, y
+def cut_batches(
+    groups: Iterator[tuple[np.ndarray, ...]], size: int, drop_last: bool, stats: LoadStats
+) -> Iterator[tuple[np.ndarray, ...]]:
+    """Batches of `size` items cut from a sequence of groups (tuples of arrays of equal
+    length); counts the epoch, samples, batches, the consumer's wait and the wall time.
 
-        carry: list[tuple[np.ndarray, np.ndarray]] = []  # pieces of a batch under way
-        carried = 0
-        for x, y in self.groups(epoch):
-            at = 0
-            if carried:
-                at = min(size - carried, len(y))
-                carry.append((x[:at], y[:at]))
-                carried += at
-                if carried < size:
-                    continue
-                yield emit(*concatenate(carry))
-                waiting = time.perf_counter()
-                carry, carried = [], 0
-            while len(y) - at >= size:
-                yield emit(x[at : at + size], y[at : at + size])
-                waiting = time.perf_counter()
-                at += size
-            if at < len(y):
-                carry, carried = [(x[at:], y[at:])], len(y) - at
-        if carried and not self.drop_last:
-            yield emit(*concatenate(carry))
-            waiting = time.perf_counter()
+    A batch is a view into its group, copied only where it spans two groups. The last,
+    partial batch is kept unless `drop_last`.
+    """
+    stats.epochs += 1
+    started = waiting = time.perf_counter()
+
+    def emit(batch: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
         stats.stall_seconds += time.perf_counter() - waiting
-        stats.wall_seconds += time.perf_counter() - started
+        if stats.time_to_first_batch_s is None:
+            stats.time_to_first_batch_s = time.perf_counter() - started
+        stats.samples += len(batch[0])
+        stats.batches += 1
+        return batch
+
+    carry: list[tuple[np.ndarray, ...]] = []  # pieces of a batch under way
+    carried = 0
+    for group in groups:
+        n, at = len(group[0]), 0
+        if carried:
+            at = min(size - carried, n)
+            carry.append(tuple(a[:at] for a in group))
+            carried += at
+            if carried < size:
+                continue
+            yield emit(concatenate(carry))
+            waiting = time.perf_counter()
+            carry, carried = [], 0
+        while n - at >= size:
+            yield emit(tuple(a[at : at + size] for a in group))
+            waiting = time.perf_counter()
+            at += size
+        if at < n:
+            carry, carried = [tuple(a[at:] for a in group)], n - at
+    if carried and not drop_last:
+        yield emit(concatenate(carry))
+        waiting = time.perf_counter()
+    stats.stall_seconds += time.perf_counter() - waiting
+    stats.wall_seconds += time.perf_counter() - started
 
 
 def aligned_empty(shape: tuple[int, ...], dtype=np.float32, alignment: int = 64) -> np.ndarray:
@@ -341,8 +349,9 @@ def aligned_empty(shape: tuple[int, ...], dtype=np.float32, alignment: int = 64)
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-def concatenate(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+def concatenate(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """Pieces of groups or batches joined, array by array."""
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
 
 def mix(

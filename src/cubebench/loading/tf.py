@@ -15,13 +15,13 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
-from cubebench.loading.stream import ChunkStream
+from cubebench.loading import PatchStream, Stream
 
 
 class _Epochs:
     """Each pass over the dataset is the next epoch, as Keras' `fit(epochs=N)` expects."""
 
-    def __init__(self, stream: ChunkStream, first_epoch: int):
+    def __init__(self, stream: Stream, first_epoch: int):
         self.stream = stream
         self.next_epoch = first_epoch
         self.groups: Iterator[tuple[np.ndarray, np.ndarray]] | None = None
@@ -34,21 +34,31 @@ class _Epochs:
             self.next_epoch += 1
             self.started = time.perf_counter()
             stats.epochs += 1
-        x, y = next(self.groups)
+        x, y, *mask = next(self.groups)
         if stats.time_to_first_batch_s is None and len(y):  # the first batch follows in C++
             stats.time_to_first_batch_s = time.perf_counter() - self.started
         stats.samples += len(y)
+        if mask:  # windows: the target and its mask travel as one tensor (Keras' y)
+            return x, np.concatenate([y, mask[0]], axis=1)
         return x, y
 
 
-def dataset(stream: ChunkStream, epoch: int = 0, prefetch: int = 2) -> tf.data.Dataset:
-    """`(X[B, F], y[B])` float32 batches in the stream's order; pass k is epoch `epoch + k`."""
-    features = len(stream.task.spec.features)
+def dataset(stream: Stream, epoch: int = 0, prefetch: int = 2) -> tf.data.Dataset:
+    """`(X[B, F], y[B])` float32 batches in the stream's order; pass k is epoch `epoch + k`.
+
+    Windows (a `PatchStream`) come as `(x[B, C, h, w], packed[B, 2t, h, w])`: the target's
+    t planes, then its mask's, for a loss that unpacks them.
+    """
+    if isinstance(stream, PatchStream):
+        t, h, w = stream.window
+        shapes = (None, stream.channels, h, w), (None, 2 * t, h, w)
+    else:
+        shapes = (None, len(stream.task.spec.features)), (None,)
     epochs = _Epochs(stream, epoch)
 
     def group(index):
         x, y = tf.numpy_function(epochs.group, [index], (tf.float32, tf.float32), stateful=True)
-        return tf.ensure_shape(x, (None, features)), tf.ensure_shape(y, (None,))
+        return tf.ensure_shape(x, shapes[0]), tf.ensure_shape(y, shapes[1])
 
     groups = tf.data.Dataset.range(stream.group_count(epoch)).map(group)  # sequential
     batches = groups.rebatch(stream.batch_size, drop_remainder=stream.drop_last)

@@ -13,13 +13,14 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cubebench.loading.stream import ChunkStream
+from cubebench.loading import Stream
 
 
 class CubeBatches(IterableDataset):
-    """Batches `(X[B, F], y[B])` as float32 tensors, one epoch per iteration."""
+    """Batches `(X[B, F], y[B])` (pixels) or `(x, y, mask)` (windows) as float32 tensors,
+    one epoch per iteration."""
 
-    def __init__(self, stream: ChunkStream):
+    def __init__(self, stream: Stream):
         super().__init__()
         self.stream = stream
         self.epoch = 0
@@ -28,17 +29,17 @@ class CubeBatches(IterableDataset):
         """Like DistributedSampler.set_epoch: a new shuffle order for the next iteration."""
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = get_worker_info()
         stream = self.stream
         if info is not None:
             stream.shard(info.id, info.num_workers)
-        for x, y in stream.batches(self.epoch):
-            yield torch.from_numpy(x), torch.from_numpy(y)
+        for batch in stream.batches(self.epoch):
+            yield tuple(torch.from_numpy(a) for a in batch)
 
 
 def loader(
-    stream: ChunkStream, num_workers: int = 0, epoch: int = 0, **kwargs
+    stream: Stream, num_workers: int = 0, epoch: int = 0, **kwargs
 ) -> DataLoader | CubeBatches:
     """The stream's batches for torch: the dataset itself without workers, else a DataLoader
     (no re-batching, spawned workers).

@@ -1,0 +1,346 @@
+"""A window stream over one part of a patch task: every window once, every chunk decoded once
+per epoch, also where windows cross chunk borders.
+
+Windows are grouped by the chunk that holds their origin (a **unit**). A unit needs its own
+chunk and, where its windows reach over a border, the next chunks along that axis. Decoded
+chunks wait in a cache that counts, for the epoch, how many units still need each one; a chunk
+leaves the cache when its last unit is assembled, so no chunk is decoded twice.
+
+Memory stays bounded because units are visited in C order *within a strip*: a strip is the
+set of chunks that share an index on every axis no window crosses (with 1-step windows, a
+time slab), and no window needs chunks of two strips. The epoch's order permutes the strips;
+the windows of K consecutive units (the buffer) are then shuffled together. Chunks are
+decoded in threads ahead of the assembly, which runs in its own thread; batches are cut from
+the shuffled groups without per-window Python on the consumer's side.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from cubebench.cube.integrity import chunk_error
+from cubebench.errors import ChunkReadError
+from cubebench.loading.readers import ChunkReader, open_reader
+from cubebench.loading.stream import LoadStats, cut_batches
+from cubebench.task import PreparedTask
+from cubebench.windows import hidden_mask
+
+ChunkIndex = tuple[int, int, int]
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The windows whose origin lies in one chunk, and every chunk they need."""
+
+    chunk: ChunkIndex
+    windows: np.ndarray  # indices into the part's window origins
+    needs: tuple[ChunkIndex, ...]
+
+
+class PatchStream:
+    """Batches `(x[B, C, h, w], y[B, t, h, w], mask[B, t, h, w])` of a part's windows.
+
+    `x` holds, per time step of the window, the normalised inputs, the visible target
+    (`visible_lst`: hidden, missing and unselected pixels are 0) and its mask (`visible`),
+    then the normalised coordinate features; NaN inputs are 0. `y` is the normalised target
+    (0 where unknown) and `mask` is 1 on the pixels to predict (hidden and valid). Same
+    constructor as `ChunkStream`; `buffer_chunks` counts units.
+    """
+
+    def __init__(
+        self,
+        task: PreparedTask,
+        part: str = "train",
+        batch_size: int = 32,
+        *,
+        shuffle: bool = True,
+        buffer_chunks: int = 8,
+        threads: int = 2,
+        drop_last: bool = False,
+        seed: int | None = None,
+        reader: str | ChunkReader | None = None,
+        storage_options: dict | None = None,
+    ):
+        patch = task.spec.patch
+        if patch is None or task.windows is None:
+            raise ValueError(f"task {task.spec.name!r} samples pixels: use a ChunkStream")
+        if part not in task.windows.origins:
+            raise ValueError(f"unknown part {part!r}; parts: {list(task.windows.origins)}")
+        if batch_size < 1 or buffer_chunks < 1 or threads < 1:
+            raise ValueError("batch_size, buffer_chunks and threads must be positive")
+        self.task, self.part, self.patch = task, part, patch
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.buffer_chunks, self.threads = buffer_chunks, threads
+        self.seed = task.spec.seed if seed is None else seed
+        self.reader = (
+            reader
+            if reader is not None and not isinstance(reader, str)
+            else open_reader(task.cube, reader, storage_options)
+        )
+        spec = task.spec
+        self.variables = (*spec.inputs, spec.target)
+        target = task.cube[spec.target]
+        self.chunk_edges = [np.concatenate([[0], np.cumsum(c)]) for c in target.chunks]
+        self.itemsize = target.dtype.itemsize
+        self.window = tuple(patch.size)
+        self.origins = task.windows.origins[part]
+        self.units, self.strips = self._plan()
+        self.chunks = sorted({c for u in self.units for c in u.needs})
+        self.shard_index, self.shard_count = 0, 1
+        self.stats = LoadStats()
+        self._constants()
+
+    # --- which chunks, in which order ------------------------------------------------------
+
+    def _plan(self) -> tuple[list[Unit], list[list[int]]]:
+        def chunk_of(pixels: np.ndarray) -> np.ndarray:  # (k, 3) pixel -> chunk indices
+            columns = [
+                np.searchsorted(e, pixels[:, a], "right") - 1
+                for a, e in enumerate(self.chunk_edges)
+            ]
+            return np.stack(columns, axis=1).reshape(-1, 3)
+
+        first = chunk_of(self.origins)
+        last = chunk_of(self.origins + np.asarray(self.window) - 1)
+        crossed = [a for a in range(3) if (last[:, a] > first[:, a]).any()]
+        order = np.lexsort(first.T[::-1])  # C order of the origin chunk, stable
+        units: list[Unit] = []
+        keys = [tuple(int(v) for v in first[i]) for i in order]
+        for chunk, members in itertools.groupby(zip(keys, order), key=lambda p: p[0]):
+            windows = np.array([i for _, i in members], np.int64)
+            reach = last[windows].max(axis=0)
+            needs = tuple(itertools.product(*(range(c, r + 1) for c, r in zip(chunk, reach))))
+            units.append(Unit(chunk, windows, needs))  # type: ignore[arg-type]
+        strips: dict[tuple, list[int]] = {}
+        for k, unit in enumerate(units):
+            strip = tuple(c for a, c in enumerate(unit.chunk) if a not in crossed)
+            strips.setdefault(strip, []).append(k)
+        return units, list(strips.values())
+
+    def chunk_slices(self, chunk: ChunkIndex) -> tuple[slice, slice, slice]:
+        return tuple(  # type: ignore[return-value]
+            slice(int(e[i]), int(e[i + 1])) for e, i in zip(self.chunk_edges, chunk)
+        )
+
+    def shard(self, index: int, count: int) -> PatchStream:
+        """Restrict to shard `index` of `count`: whole strips when there are enough of them
+        (no chunk is decoded by two shards), else every count-th unit."""
+        if not 0 <= index < count:
+            raise ValueError(f"shard {index} of {count}")
+        self.shard_index, self.shard_count = index, count
+        return self
+
+    def epoch_units(self, epoch: int) -> list[Unit]:
+        """This shard's units in this epoch's order: strips permuted, C order inside one."""
+        strips = list(self.strips)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch, 2])
+            strips = [strips[i] for i in rng.permutation(len(strips))]
+        if self.shard_count > 1 and len(strips) >= self.shard_count:
+            strips = strips[self.shard_index :: self.shard_count]
+            return [self.units[k] for strip in strips for k in strip]
+        ordered = [self.units[k] for strip in strips for k in strip]
+        return ordered[self.shard_index :: self.shard_count]
+
+    # --- decoding and assembly ----------------------------------------------------------------
+
+    def _constants(self) -> None:
+        task, spec = self.task, self.task.spec
+        n_in = len(spec.inputs)
+        self.mean = np.append(task.feature_mean[:n_in], task.target_mean).astype(np.float32)
+        self.inv_std = (1.0 / np.append(task.feature_std[:n_in], task.target_std)).astype(
+            np.float32
+        )
+        c = task.coords
+        raw = {"lat": c.lat, "lon": c.lon, "sin_doy": np.sin(c.season), "cos_doy": np.cos(c.season)}
+        self.coord_tables = {
+            name: ((raw[name] - task.feature_mean[j]) / task.feature_std[j]).astype(np.float32)
+            for j, name in enumerate(spec.coord_features, start=n_in)
+        }
+        per_step = [*spec.inputs, "visible_lst", "visible", *spec.coord_features]
+        self.per_step = len(per_step)
+        t = self.window[0]
+        self.channel_names = (
+            per_step if t == 1 else [f"{n}@{k}" for k in range(t) for n in per_step]
+        )
+        self.channels = len(self.channel_names)
+
+    def _read(self, chunk: ChunkIndex) -> list[np.ndarray]:
+        window = self.chunk_slices(chunk)
+        try:
+            return self.reader.read_many(self.variables, window)
+        except Exception as error:
+            for var in self.variables:  # which one? read them alone
+                try:
+                    self.reader.read(var, window)
+                except Exception as alone:
+                    raise ChunkReadError(chunk_error(self.task.cube, var, chunk, alone)) from None
+            raise ChunkReadError(
+                chunk_error(self.task.cube, "/".join(self.variables), chunk, error)
+            ) from None
+
+    def decode(self, chunk: ChunkIndex) -> tuple[np.ndarray, int, int, float]:
+        """One chunk as float32 (variables..., hidden) planes: (stack, stored, decoded, s)."""
+        start = time.perf_counter()
+        arrays = self._read(chunk)
+        window = self.chunk_slices(chunk)
+        stack = np.empty((len(arrays) + 1, *arrays[0].shape), np.float32)
+        for k, a in enumerate(arrays):
+            stack[k] = a
+        stack[-1] = hidden_mask(self.patch, self.task.spec.seed, *window)
+        stored = sum(self.reader.stored_nbytes(v, chunk) or 0 for v in self.variables)
+        decoded = sum(a.nbytes for a in arrays)
+        return stack, stored, decoded, time.perf_counter() - start
+
+    def assemble(self, unit: Unit, chunks: dict[ChunkIndex, np.ndarray]) -> Batch:
+        """The unit's windows, cut from the decoded chunks, as (x, y, mask).
+
+        The chunks the unit needs are copied once into one region (its chunk and the margin
+        its windows reach into); every window is then gathered from it in one operation.
+        """
+        origins = self.origins[unit.windows]
+        low = np.array([int(e[c]) for e, c in zip(self.chunk_edges, unit.chunk)])
+        high = (origins + np.asarray(self.window)).max(axis=0)
+        region = np.empty((len(self.variables) + 1, *(high - low)), np.float32)
+        for chunk in unit.needs:
+            into, out_of = [], []
+            for s, lo, hi in zip(self.chunk_slices(chunk), low, high):
+                a, b = max(s.start, lo), min(s.stop, hi)
+                into.append(slice(a - lo, b - lo))
+                out_of.append(slice(a - s.start, b - s.start))
+            region[(slice(None), *into)] = chunks[chunk][(slice(None), *out_of)]
+        view = np.lib.stride_tricks.sliding_window_view(region, self.window, axis=(1, 2, 3))
+        at = (origins - low).T
+        return self._features(origins, np.moveaxis(view[:, at[0], at[1], at[2]], 0, 1))
+
+    def _features(self, origins: np.ndarray, raw: np.ndarray) -> Batch:
+        k, t, h, w = len(origins), *self.window
+        n_in = len(self.variables) - 1
+        sel = self.task.selections[self.part]
+        steps = origins[:, :1] + np.arange(t)  # (k, t) global indices
+        rows = origins[:, 1:2] + np.arange(h)
+        cols = origins[:, 2:3] + np.arange(w)
+        selected = (
+            sel.time[steps][:, :, None, None]
+            & sel.lat[rows][:, None, :, None]
+            & sel.lon[cols][:, None, None, :]
+        )
+        target, hidden = raw[:, n_in], raw[:, n_in + 1] > 0.5
+        known = np.isfinite(target) & selected
+        valid = known.copy()
+        x = np.zeros((k, t, self.per_step, h, w), np.float32)
+        for j in range(n_in):
+            valid &= np.isfinite(raw[:, j])
+            x[:, :, j] = np.nan_to_num((raw[:, j] - self.mean[j]) * self.inv_std[j], nan=0.0)
+        scaled = (target - self.mean[n_in]) * self.inv_std[n_in]
+        visible = known & ~hidden
+        x[:, :, n_in] = np.where(visible, scaled, 0.0)
+        x[:, :, n_in + 1] = visible
+        planes = {
+            "lat": lambda table: table[rows][:, None, :, None],
+            "lon": lambda table: table[cols][:, None, None, :],
+            "sin_doy": lambda table: table[steps][:, :, None, None],
+            "cos_doy": lambda table: table[steps][:, :, None, None],
+        }
+        for j, (name, table) in enumerate(self.coord_tables.items(), start=n_in + 2):
+            x[:, :, j] = planes[name](table)
+        y = np.where(valid, scaled, 0.0).astype(np.float32)
+        mask = (valid & hidden).astype(np.float32)
+        return x.reshape(k, self.channels, h, w), y, mask
+
+    # --- the stream -------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.batches(0)
+
+    def group_count(self, epoch: int = 0) -> int:
+        return -(-len(self.epoch_units(epoch)) // self.buffer_chunks)
+
+    def _bytes(self, chunks: set[ChunkIndex]) -> int:
+        per_var = sum(
+            int(np.prod([s.stop - s.start for s in self.chunk_slices(c)])) for c in chunks
+        )
+        return per_var * self.itemsize * len(self.variables)
+
+    def groups(self, epoch: int = 0) -> Iterator[Batch]:
+        """One epoch as `group_count` groups: the windows of K units, shuffled together."""
+        stats = self.stats
+        units = self.epoch_units(epoch)
+        uses = Counter(c for u in units for c in u.needs)
+        stats.bytes_needed += self._bytes(set(uses))
+        cache: dict[ChunkIndex, Future] = {}
+        lock = threading.Lock()
+        rng = np.random.default_rng([self.seed, epoch, 4])
+
+        def build(unit: Unit) -> Batch:
+            chunks = {c: cache[c].result()[0] for c in unit.needs}
+            batch = self.assemble(unit, chunks)
+            with lock:
+                for c in unit.needs:
+                    uses[c] -= 1
+                    if not uses[c]:
+                        del cache[c]  # its last unit is assembled: never needed again
+            return batch
+
+        def decoded(future: Future) -> None:
+            if future.cancelled() or future.exception() is not None:
+                return
+            _, stored, nbytes, seconds = future.result()
+            with lock:
+                stats.chunks_decoded += 1
+                stats.bytes_read += stored
+                stats.bytes_decoded += nbytes
+                stats.decode_seconds += seconds
+
+        lookahead = self.buffer_chunks + self.threads
+        todo = iter(units)
+        with (
+            ThreadPoolExecutor(self.threads, thread_name_prefix="cubebench-decode") as pool,
+            ThreadPoolExecutor(1, thread_name_prefix="cubebench-assemble") as assembler,
+        ):
+            pending: deque[Future[Batch]] = deque()
+
+            def top_up() -> None:
+                while len(pending) < lookahead:
+                    unit = next(todo, None)
+                    if unit is None:
+                        return
+                    for c in unit.needs:
+                        with lock:
+                            missing = c not in cache
+                            if missing:
+                                cache[c] = pool.submit(self.decode, c)
+                        if missing:
+                            cache[c].add_done_callback(decoded)
+                    pending.append(assembler.submit(build, unit))
+
+            top_up()
+            try:
+                while pending:
+                    parts = []
+                    for _ in range(min(self.buffer_chunks, len(pending))):
+                        parts.append(pending.popleft().result())
+                        top_up()
+                    group = tuple(np.concatenate(p) for p in zip(*parts))
+                    if self.shuffle:
+                        order = rng.permutation(len(group[0]))
+                        group = tuple(a[order] for a in group)
+                    yield group  # type: ignore[misc]
+            finally:  # the consumer stopped early: skip work not yet started
+                with lock:
+                    futures = [*pending, *cache.values()]
+                for future in futures:
+                    future.cancel()
+
+    def batches(self, epoch: int = 0) -> Iterator[Batch]:
+        """One epoch of `(x, y, mask)` batches of `batch_size` windows; updates `stats`."""
+        return cut_batches(self.groups(epoch), self.batch_size, self.drop_last, self.stats)

@@ -1,0 +1,252 @@
+"""The patch geometry: windows kept inside one part, windows across chunk borders equal to a
+plain numpy slice of the cube, every window once and every chunk decoded once per epoch, and
+the artificial gaps independent of chunking."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from cubebench.errors import TaskError
+from cubebench.loading import PatchStream, open_stream
+from cubebench.loading.readers import open_reader
+from cubebench.task import get_task, prepare_task
+from cubebench.windows import Patch, hidden_mask
+
+
+@pytest.fixture(scope="module")
+def task(tiny):
+    return prepare_task(get_task("lst-gapfill"), tiny)
+
+
+def test_windows_lie_in_the_blocks_of_one_part(task):
+    owner = {tuple(block): part for part, blocks in task.blocks.items() for block in blocks}
+    for part, origins in task.windows.origins.items():
+        assert len(origins) == task.samples[part] > 0
+        for origin in origins:
+            ranges = [range(a, b + 1) for a, b in touched_in_order(task, origin)]
+            parts = {
+                owner.get(tuple(r[i] for r, i in zip(ranges, idx)))
+                for idx in np.ndindex(*[len(r) for r in ranges])
+            }
+            assert parts - {None} == {part}
+    # the tiny cube's 12 x 23 chunks are narrower than a window: some windows had to go
+    assert task.windows.dropped_across_parts > 0
+    every = [tuple(o) for origins in task.windows.origins.values() for o in origins]
+    assert len(every) == len(set(every))  # no window in two parts
+
+
+def touched_in_order(task, origin):
+    """(first, last) block index per axis of a window at `origin`."""
+    size = task.spec.patch.size
+    return [
+        (
+            int(np.searchsorted(edges, o, "right") - 1),
+            int(np.searchsorted(edges, o + n - 1, "right") - 1),
+        )
+        for edges, o, n in zip(task.block_edges, origin, size)
+    ]
+
+
+def reference_window(task, cube_values, origin):
+    """(x, y, mask) of one window from whole-cube numpy arrays: the definition."""
+    spec, patch = task.spec, task.spec.patch
+    t, h, w = patch.size
+    sl = tuple(slice(int(o), int(o) + n) for o, n in zip(origin, patch.size))
+    inputs = [cube_values[v][sl] for v in spec.inputs]
+    target = cube_values[spec.target][sl]
+    sel = task.selections["train"]
+    selected = sel.time[sl[0], None, None] & sel.lat[None, sl[1], None] & sel.lon[None, None, sl[2]]
+    hidden = hidden_mask(patch, spec.seed, *sl)
+    valid = np.isfinite(target) & selected
+    for a in inputs:
+        valid &= np.isfinite(a)
+    visible = np.isfinite(target) & selected & ~hidden
+    scaled = (target - task.target_mean) / task.target_std
+    planes = []
+    for k in range(t):
+        for j, a in enumerate(inputs):
+            z = (a[k] - task.feature_mean[j]) / task.feature_std[j]
+            planes.append(np.nan_to_num(z, nan=0.0))
+        planes.append(np.where(visible[k], scaled[k], 0.0))
+        planes.append(visible[k].astype(float))
+        for j, name in enumerate(spec.coord_features, start=len(inputs)):
+            raw = {
+                "lat": np.broadcast_to(task.coords.lat[sl[1], None], (h, w)),
+                "lon": np.broadcast_to(task.coords.lon[None, sl[2]], (h, w)),
+                "sin_doy": np.full((h, w), np.sin(task.coords.season[sl[0]][k])),
+                "cos_doy": np.full((h, w), np.cos(task.coords.season[sl[0]][k])),
+            }[name]
+            planes.append((raw - task.feature_mean[j]) / task.feature_std[j])
+    y = np.where(valid, scaled, 0.0)
+    return np.stack(planes), y, (valid & hidden).astype(float)
+
+
+def test_windows_across_chunk_borders_equal_a_numpy_slice(task, tiny):
+    values = {v: tiny[v].values for v in (*task.spec.inputs, task.spec.target)}
+    stream = PatchStream(task, "train", batch_size=7, shuffle=False)
+    order = np.concatenate([stream.origins[u.windows] for u in stream.epoch_units(0)])
+    batches = list(stream.batches(0))
+    x, y, mask = (np.concatenate(a) for a in zip(*batches))
+    assert len(x) == len(order) == task.samples["train"]
+    crossing = 0
+    for i, origin in enumerate(order):
+        rx, ry, rmask = reference_window(task, values, origin)
+        np.testing.assert_allclose(x[i], rx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(y[i], ry, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(mask[i], rmask)
+        chunks = [
+            (np.searchsorted(e, o, "right"), np.searchsorted(e, o + n - 1, "right"))
+            for e, o, n in zip(stream.chunk_edges, origin, task.spec.patch.size)
+        ]
+        crossing += any(a != b for a, b in chunks)
+    assert crossing > len(order) // 4  # most of tiny's windows cross a chunk border
+    assert mask.sum() == task.windows.targets["train"]
+
+
+class CountingReader:
+    """A reader that counts how often each chunk of each variable is read."""
+
+    def __init__(self, inner, edges):
+        self.inner, self.edges, self.name = inner, edges, "counting"
+        self.reads: Counter = Counter()
+
+    def _chunk(self, window):
+        return tuple(
+            int(np.searchsorted(e, s.start, "right") - 1) for e, s in zip(self.edges, window)
+        )
+
+    def read(self, var, window):
+        self.reads[(var, self._chunk(window))] += 1
+        return self.inner.read(var, window)
+
+    def read_many(self, names, window):
+        return [self.read(v, window) for v in names]
+
+    def stored_nbytes(self, var, chunk):
+        return self.inner.stored_nbytes(var, chunk)
+
+
+@pytest.mark.parametrize("buffer_chunks", [1, 8])
+def test_each_chunk_is_decoded_once_per_epoch_and_each_window_delivered_once(
+    task, tiny, buffer_chunks
+):
+    edges = [np.concatenate([[0], np.cumsum(c)]) for c in tiny[task.spec.target].chunks]
+    reader = CountingReader(open_reader(task.cube), edges)
+    stream = PatchStream(task, "train", 16, reader=reader, buffer_chunks=buffer_chunks)
+    plain = PatchStream(task, "train", 16, shuffle=False)
+    reference = Counter(x.tobytes() for b in plain.batches(0) for x in b[0])
+    for epoch in range(2):
+        seen = Counter(x.tobytes() for b in stream.batches(epoch) for x in b[0])
+        assert seen == reference  # every window once, whatever the order
+    variables = (*task.spec.inputs, task.spec.target)
+    assert set(reader.reads) == {(v, c) for v in variables for c in stream.chunks}
+    assert set(reader.reads.values()) == {2}  # two epochs: each chunk twice, never more
+    stats = stream.stats
+    assert stats.chunks_decoded == 2 * len(stream.chunks)
+    assert stats.read_amplification == 1.0
+    assert stats.samples == 2 * task.samples["train"]
+
+
+def test_shuffled_epochs_differ_and_repeat_with_the_seed(task):
+    def first_batch(seed, epoch):
+        return next(iter(PatchStream(task, "train", 16, seed=seed).batches(epoch)))[0]
+
+    assert np.array_equal(first_batch(1, 0), first_batch(1, 0))
+    assert not np.array_equal(first_batch(1, 0), first_batch(1, 1))
+
+
+def test_shards_cover_every_window_once(task):
+    whole = Counter(
+        x.tobytes() for b in PatchStream(task, "train", 16, shuffle=False) for x in b[0]
+    )
+    shards = [PatchStream(task, "train", 16).shard(i, 3) for i in range(3)]
+    seen = Counter(x.tobytes() for s in shards for b in s.batches(0) for x in b[0])
+    assert seen == whole
+    # whole strips per shard: no chunk decoded by two shards
+    assert sum(s.stats.chunks_decoded for s in shards) == len(shards[0].chunks)
+
+
+def test_a_stream_stopped_early_stops_its_threads(task):
+    stream = PatchStream(task, "train", 4, threads=2)
+    batches = stream.batches(0)
+    next(batches)
+    batches.close()  # returns: no thread left waiting on a cancelled decode
+    assert stream.stats.samples == 4
+
+
+def test_gaps_do_not_depend_on_how_the_grid_is_cut():
+    patch = Patch(gap_fraction=0.3, gap_size=3)
+    whole = hidden_mask(patch, 7, slice(0, 10), slice(0, 30), slice(0, 40))
+    pieces = np.concatenate(
+        [
+            hidden_mask(patch, 7, slice(0, 10), slice(y, y + 7), slice(0, 40))
+            for y in range(0, 30, 7)
+        ],
+        axis=1,
+    )[:, :30]
+    np.testing.assert_array_equal(whole, pieces)
+    assert abs(whole.mean() - 0.3) < 0.05
+    # squares of 3 x 3 pixels are hidden together
+    assert (whole[:, :3, :3] == whole[:, :1, :1]).all()
+    assert not np.array_equal(whole, hidden_mask(patch, 8, *(slice(0, n) for n in (10, 30, 40))))
+
+
+def test_open_stream_follows_the_geometry(tiny, task):
+    assert isinstance(open_stream(task, "val"), PatchStream)
+    pixels = prepare_task(get_task("lst-from-t2m"), tiny)
+    assert not isinstance(open_stream(pixels, "val"), PatchStream)
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        (dict(size=(1, 16, 16), stride=(1, 5, 5)), "must divide"),
+        (dict(size=(1, 0, 16)), "positive integers"),
+        (dict(gap_fraction=1.5), "gap_fraction"),
+        (dict(gap_size=0), "gap_size"),
+    ],
+)
+def test_bad_patches_are_refused(patch, message):
+    with pytest.raises(TaskError, match=message):
+        Patch(**patch)
+
+
+def test_a_window_larger_than_the_cube_or_a_region_split_is_refused(tiny):
+    with pytest.raises(TaskError, match="larger than the cube"):
+        prepare_task(replace(get_task("lst-gapfill"), patch=Patch((1, 64, 64))), tiny)
+    with pytest.raises(TaskError, match="blocks"):
+        replace(get_task("lst-from-t2m-transfer"), patch=Patch())
+
+
+def test_bench_loader_measures_windows(tiny):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cubebench",
+            "bench-loader",
+            "--cube",
+            "synthetic:tiny",
+            "--geometry",
+            "patch",
+            "--patch",
+            "1,8,8",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert row["geometry"] == "patch" and row["patch"] == [1, 8, 8]
+    assert row["windows"] == row["expected_windows"] > 0
+    assert row["read_amplification"] == 1.0
+    assert row["ratio_to_raw"] > 0 and row["windows_per_s"] > 0
