@@ -1,4 +1,5 @@
-"""The loader per chunk layout and adapter, on the `small` synthetic cube.
+"""The loader per chunk layout and adapter, on the `small` synthetic cube: pixels
+(`lst-from-t2m`, `Loader*`) and windows (`lst-gapfill`, `PatchLoader*`).
 
 `time_epoch` / `peakmem_epoch` time one training epoch through the adapter after a warm-up
 epoch (kernels compiled, tf.data traced). The `track_*` numbers come from one
@@ -13,21 +14,21 @@ from benchmarks import LOADER_LAYOUTS, LOADER_PRESET, SEED, THREADS, CubeBenchma
 
 ADAPTERS = ("numpy", "torch", "tf")
 EPOCHS = 3  # for the bench_loader row: the ratio sums raw and loader time over them
-BATCH = 4096
+BATCH = 4096  # pixels
+PATCH_BATCH = 32  # windows
 
 
-def _task(cubes: str, layout: str):
+def _task(cubes: str, layout: str, task: str):
     from cubebench.cube import open_cube
     from cubebench.task import get_task, prepare_task
 
-    return prepare_task(
-        get_task("lst-from-t2m"), open_cube(cube_path(cubes, LOADER_PRESET, layout))
-    )
+    return prepare_task(get_task(task), open_cube(cube_path(cubes, LOADER_PRESET, layout)))
 
 
 class LoaderEpoch(CubeBenchmark):
     """One epoch of the training part through the adapter."""
 
+    task, batch = "lst-from-t2m", BATCH
     params = (LOADER_LAYOUTS, ADAPTERS)
     param_names = ("layout", "adapter")
     number = 1  # one epoch per sample; setup warms up before each sample
@@ -35,10 +36,11 @@ class LoaderEpoch(CubeBenchmark):
     warmup_time = 0.0
 
     def setup(self, cubes: str, layout: str, adapter: str) -> None:
+        from cubebench.loading import open_stream
         from cubebench.loading.bench import epoch_runner
-        from cubebench.loading.stream import ChunkStream
 
-        stream = ChunkStream(_task(cubes, layout), "train", BATCH, threads=THREADS, seed=SEED)
+        task = _task(cubes, layout, self.task)
+        stream = open_stream(task, "train", batch_size=self.batch, threads=THREADS, seed=SEED)
         self.epoch = epoch_runner(adapter, stream)
         self.epoch(0)
 
@@ -49,9 +51,16 @@ class LoaderEpoch(CubeBenchmark):
         self.epoch(1)
 
 
+class PatchLoaderEpoch(LoaderEpoch):
+    """One epoch of the training windows of `lst-gapfill` through the adapter."""
+
+    task, batch = "lst-gapfill", PATCH_BATCH
+
+
 class LoaderCosts(CubeBenchmark):
     """What the loader costs against raw decode, from one `bench_loader` row."""
 
+    task, batch = "lst-from-t2m", BATCH
     params = (LOADER_LAYOUTS, ADAPTERS)
     param_names = ("layout", "adapter")
 
@@ -60,14 +69,14 @@ class LoaderCosts(CubeBenchmark):
             from cubebench.loading.bench import bench_loader
 
             return bench_loader(
-                _task(cubes, layout),
-                batch_size=BATCH,
+                _task(cubes, layout, self.task),
+                batch_size=self.batch,
                 adapter=adapter,
                 epochs=EPOCHS,
                 threads=THREADS,
             )
 
-        return memo(cubes, f"loader-{layout}-{adapter}", compute)
+        return memo(cubes, f"loader-{self.task}-{layout}-{adapter}", compute)
 
     def track_ratio_to_raw(self, cubes: str, layout: str, adapter: str) -> float:
         return self._row(cubes, layout, adapter)["ratio_to_raw"]
@@ -88,3 +97,9 @@ class LoaderCosts(CubeBenchmark):
         return self._row(cubes, layout, adapter)["bytes_read"] / EPOCHS
 
     track_bytes_read.unit = "bytes per epoch"
+
+
+class PatchLoaderCosts(LoaderCosts):
+    """What the window loader of `lst-gapfill` costs against raw decode of its chunks."""
+
+    task, batch = "lst-gapfill", PATCH_BATCH

@@ -55,6 +55,7 @@ def columns(units: str | None = "K") -> list[Column]:
     u = f" [{units}]" if units else ""
     return [
         Column("case", "case", numeric=False),
+        Column("task", "task", numeric=False),  # samples are pixels, or windows (patch tasks)
         Column("library", "library", numeric=False),
         Column("status", "status", numeric=False),
         Column("rmse", f"RMSE{u}"),
@@ -107,6 +108,7 @@ def results_table(results: Sequence[dict], cases: Iterable[str] | None = None) -
         rows.append(
             {
                 "case": str(r.get("case", "?")),
+                "task": r.get("task"),
                 "library": " ".join(str(v) for v in (name, version) if v) or None,
                 "library_name": name,
                 "library_version": version,
