@@ -1,6 +1,7 @@
 """The case files in cases/: each one end to end on the tiny cube with short epochs (finite
 predictions of every predictor, losses logged and falling, validation losses present, the
-same seed giving the same predictions), and the fairness twins being the same model."""
+same seed giving the same predictions), and the fairness twins being the same model. Cases of
+the patch task (`lst-gapfill`) are evaluated on the pixels they fill, as the runner does."""
 
 from __future__ import annotations
 
@@ -13,13 +14,25 @@ import numpy as np
 import pytest
 
 from cubebench.case import Context
-from cubebench.loading.stream import ChunkStream
+from cubebench.loading import open_stream
 from cubebench.runner import discover
 from cubebench.task import get_task, prepare_task
 
 CASES_DIR = Path(__file__).resolve().parents[1] / "cases"
-NAMES = ["sklearn-sgd", "sklearn-hgb", "torch-mlp", "keras-mlp", "torch-transfer", "keras-transfer"]
+NAMES = [
+    "sklearn-sgd",
+    "sklearn-hgb",
+    "torch-mlp",
+    "keras-mlp",
+    "torch-transfer",
+    "keras-transfer",
+    "torch-cnn",
+    "keras-cnn",
+    "sklearn-hgb-gapfill",
+]
 MLPS = {"torch-mlp", "keras-mlp", "torch-transfer", "keras-transfer"}
+CNNS = {"torch-cnn", "keras-cnn"}
+GAPFILL = CNNS | {"sklearn-hgb-gapfill"}
 TRANSFER = {"torch-transfer", "keras-transfer"}
 # short runs: a few epochs of small batches on the tiny cube
 SHORT = {
@@ -29,6 +42,9 @@ SHORT = {
     "keras-mlp": {"epochs": 3, "batch_size": 1024},
     "torch-transfer": {"epochs": 3, "batch_size": 1024, "finetune_epochs": 4},
     "keras-transfer": {"epochs": 3, "batch_size": 1024, "finetune_epochs": 4},
+    "torch-cnn": {"epochs": 3, "batch_size": 16},
+    "keras-cnn": {"epochs": 3, "batch_size": 16},
+    "sklearn-hgb-gapfill": {"max_iter": 30},
 }
 
 
@@ -41,7 +57,7 @@ def cases():
 def tasks(tiny):
     return {
         name: prepare_task(get_task(name), tiny)
-        for name in ("lst-from-t2m", "lst-from-t2m-transfer")
+        for name in ("lst-from-t2m", "lst-from-t2m-transfer", "lst-gapfill")
     }
 
 
@@ -53,12 +69,13 @@ def run_case(cls, task, seed: int = 0, **params):
     case.fit()
     predictions: dict[str, list[np.ndarray]] = {}
     targets = []
-    for x, y in ChunkStream(task, cls.eval_part, shuffle=False).batches(0):
-        targets.append(y)
+    for x, y, *mask in open_stream(task, cls.eval_part, shuffle=False).batches(0):
+        keep = mask[0] > 0 if mask else np.ones(y.shape, bool)  # windows: the pixels to fill
+        targets.append(y[keep])
         for name, predict in case.predictors().items():
             y_hat = predict(x)
-            assert isinstance(y_hat, np.ndarray) and y_hat.shape == y.shape, name
-            predictions.setdefault(name, []).append(y_hat)
+            assert isinstance(y_hat, np.ndarray) and y_hat.size == y.size, name
+            predictions.setdefault(name, []).append(y_hat.reshape(y.shape)[keep])
     return (
         case,
         context,
@@ -67,7 +84,7 @@ def run_case(cls, task, seed: int = 0, **params):
     )
 
 
-def test_the_six_cases_are_discovered(cases):
+def test_the_cases_are_discovered(cases):
     assert set(NAMES) <= set(cases)
     for name in NAMES:
         cls = cases[name]
@@ -77,11 +94,14 @@ def test_the_six_cases_are_discovered(cases):
     for name in TRANSFER:
         assert cases[name].task == "lst-from-t2m-transfer"
         assert cases[name].eval_part == "target_test"
+    for name in GAPFILL:
+        assert cases[name].task == "lst-gapfill"
 
 
 def test_the_twins_share_their_parameters(cases):
     assert cases["torch-mlp"].parameters == cases["keras-mlp"].parameters
     assert cases["torch-transfer"].parameters == cases["keras-transfer"].parameters
+    assert cases["torch-cnn"].parameters == cases["keras-cnn"].parameters
 
 
 def test_listing_the_cases_loads_no_framework():
@@ -99,7 +119,10 @@ def test_case_end_to_end(name, cases, tasks):
     cls = cases[name]
     task = tasks[cls.task]
     case, context, predictions, y = run_case(cls, task, **SHORT[name])
-    assert len(y) == task.samples[cls.eval_part]
+    if name in GAPFILL:
+        assert len(y) == task.windows.targets[cls.eval_part]  # every hidden pixel, once
+    else:
+        assert len(y) == task.samples[cls.eval_part]
     for predictor, y_hat in predictions.items():
         assert np.isfinite(y_hat).all(), predictor
     assert context.epochs, "no epoch logged"
@@ -107,7 +130,7 @@ def test_case_end_to_end(name, cases, tasks):
     assert all(e.train_loss is not None and np.isfinite(e.train_loss) for e in context.epochs)
     rmse = {k: float(np.sqrt(np.mean((v - y) ** 2))) for k, v in predictions.items()}
 
-    if name in MLPS:
+    if name in MLPS | CNNS:
         stage0 = [e for e in context.epochs if not e.extra.get("stage")]
         assert len(stage0) == SHORT[name]["epochs"]
         train = [e.train_loss for e in stage0]
@@ -117,7 +140,7 @@ def test_case_end_to_end(name, cases, tasks):
         assert all(e.samples == task.samples["train"] for e in stage0)
     if name.startswith("keras"):
         assert context.stall_estimated and context.stall_seconds >= 0
-    elif name != "sklearn-hgb":
+    elif not name.startswith("sklearn-hgb"):
         assert not context.stall_estimated  # measured by timed_batches
     if name in TRANSFER:
         assert list(predictions) == ["finetuned", "source_only", "scratch"]

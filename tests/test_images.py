@@ -93,6 +93,9 @@ def test_the_suite_runs_in_the_image_and_results_land_on_the_host(image, suite_r
         "keras-mlp",
         "torch-transfer",
         "keras-transfer",
+        "torch-cnn",
+        "keras-cnn",
+        "sklearn-hgb-gapfill",
     }
     assert all(r["status"] == "ok" for r in found), [(r["case"], r["reason"]) for r in found]
     for result in found:  # every result records the image and its lock

@@ -29,7 +29,7 @@ import numpy as np
 from cubebench.cube.integrity import chunk_error
 from cubebench.errors import ChunkReadError
 from cubebench.loading.readers import ChunkReader, open_reader
-from cubebench.loading.stream import LoadStats, cut_batches
+from cubebench.loading.stream import LoadStats, concatenate, cut_batches
 from cubebench.task import PreparedTask
 from cubebench.windows import hidden_mask
 
@@ -330,11 +330,7 @@ class PatchStream:
                     for _ in range(min(self.buffer_chunks, len(pending))):
                         parts.append(pending.popleft().result())
                         top_up()
-                    group = tuple(np.concatenate(p) for p in zip(*parts))
-                    if self.shuffle:
-                        order = rng.permutation(len(group[0]))
-                        group = tuple(a[order] for a in group)
-                    yield group  # type: ignore[misc]
+                    yield shuffled(parts, rng) if self.shuffle else concatenate(parts)
             finally:  # the consumer stopped early: skip work not yet started
                 with lock:
                     futures = [*pending, *cache.values()]
@@ -344,3 +340,18 @@ class PatchStream:
     def batches(self, epoch: int = 0) -> Iterator[Batch]:
         """One epoch of `(x, y, mask)` batches of `batch_size` windows; updates `stats`."""
         return cut_batches(self.groups(epoch), self.batch_size, self.drop_last, self.stats)
+
+
+def shuffled(parts: list[Batch], rng: np.random.Generator) -> Batch:
+    """The parts' windows in one random order: each window is written once, straight to a
+    random place (a concatenation then a permutation would copy every window twice)."""
+    total = sum(len(part[0]) for part in parts)
+    places = rng.permutation(total)
+    out = tuple(np.empty((total, *a.shape[1:]), a.dtype) for a in parts[0])
+    start = 0
+    for part in parts:
+        where = places[start : start + len(part[0])]
+        for target, source in zip(out, part):
+            target[where] = source
+        start += len(part[0])
+    return out  # type: ignore[return-value]

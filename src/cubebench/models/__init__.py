@@ -1,6 +1,6 @@
 """Shared model code of the framework cases: `cubebench.models.torch` and
-`cubebench.models.keras` build the same MLP (the fairness twins). This module stays
-framework-free."""
+`cubebench.models.keras` build the same MLP and the same U-Net (the fairness twins). This
+module stays framework-free."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cubebench.case import Context
+from cubebench.loading import PatchStream, open_stream
+from cubebench.task import PreparedTask
 
 # The fairness twins train with the same hyperparameters: both read them from here.
 MLP_PARAMETERS: dict[str, Any] = {
@@ -26,6 +28,16 @@ TRANSFER_PARAMETERS: dict[str, Any] = {
     "finetune_epochs": 50,  # also the scratch model's budget
     "finetune_batch_size": 128,
     "finetune_learning_rate": 1e-3,
+}
+# The U-Net twins of the patch task (gap filling): one level per width, 2x2 pooling between
+# levels, a bottleneck twice the last width; the loss covers the pixels to fill only.
+CNN_PARAMETERS: dict[str, Any] = {
+    "epochs": 6,
+    "batch_size": 32,  # windows
+    "widths": [16, 32],
+    "learning_rate": 2e-3,
+    "min_lr_fraction": 0.0,
+    "val_batch_size": 256,
 }
 
 
@@ -71,11 +83,22 @@ def log_grouped(
     return first_epoch + len(groups)
 
 
-def hidden_widths(value) -> tuple[int, ...]:
-    """The `hidden` parameter as a tuple of widths: a list, a tuple or a string `"64,64"`."""
+def hidden_widths(value, name: str = "hidden") -> tuple[int, ...]:
+    """The `hidden` (or `widths`) parameter as a tuple of widths: a list, a tuple or a string
+    `"64,64"`."""
     if isinstance(value, str):
         value = [v for v in value.replace(" ", "").split(",") if v]
     widths = tuple(int(v) for v in value)
     if not widths or min(widths) < 1:
-        raise ValueError(f"hidden must be positive layer widths, got {value!r}")
+        raise ValueError(f"{name} must be positive layer widths, got {value!r}")
     return widths
+
+
+def window_shape(task: PreparedTask) -> tuple[int, tuple[int, int, int]]:
+    """(channels, (t, h, w)) of the task's windows, as its `PatchStream` cuts them: the model
+    is built before any stream is handed to the case, and the channel layout is the loader's
+    to define, not the case's. Decodes nothing."""
+    stream = open_stream(task, "train", batch_size=1, shuffle=False, threads=1)
+    if not isinstance(stream, PatchStream):
+        raise ValueError(f"task {task.spec.name!r} samples pixels, not windows")
+    return stream.channels, tuple(stream.window)  # type: ignore[return-value]

@@ -1,12 +1,18 @@
-"""The Keras half of the fairness twins: the MLP, its optimiser and its training helpers.
+"""The Keras half of the fairness twins: the MLP and the U-Net, their optimiser and their
+training helpers.
 
-The same model as `cubebench.models.torch`: the same layers and widths, activation,
+The same models as `cubebench.models.torch`: the same layers and widths, activation,
 Glorot-uniform weights and zero biases, Adam with the same learning rate, epsilon and cosine
-schedule, the same batch size, epochs and MSE loss.
+schedule, the same batch size, epochs and loss (MSE; on windows, the MSE over the pixels to
+fill, with the target and its mask packed into Keras' single `y`).
+
+The U-Net takes and returns channels-first arrays like torch's (`[B, C, h, w]` in,
+`[B, t, h, w]` out) and permutes inside: TensorFlow's CPU convolutions are channels-last only.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 import weakref
 from collections.abc import Sequence
@@ -16,13 +22,13 @@ import numpy as np
 import tensorflow as tf
 
 from cubebench.case import Context
-from cubebench.loading.stream import ChunkStream
+from cubebench.loading import PatchStream, Stream, open_stream
 from cubebench.loading.tf import dataset
 from cubebench.models import EpochLoss
 
 ACTIVATIONS = ("relu", "silu", "tanh", "gelu")
 EPSILON = 1e-7  # Adam's epsilon, the same in both frameworks
-EVAL_BATCH = 65536
+EVAL_BATCH = 65536  # pixels per forward pass in prediction
 TIMED_STEPS = 30  # train steps timed on a cached batch for the stall estimate
 
 
@@ -70,6 +76,105 @@ def build_mlp(
     return keras.Sequential(layers)
 
 
+def build_unet(
+    in_channels: int,
+    out_channels: int,
+    window: tuple[int, int],
+    widths: Sequence[int] = (16, 32),
+    seed: int | None = None,
+) -> keras.Model:
+    """The U-Net of `cubebench.models.torch.UNet` for windows of `window` (h, w):
+    `[B, in_channels, h, w]` in, `[B, out_channels, h, w]` out; Glorot-uniform weights (the
+    i-th convolution seeded `seed + i`) and zero biases. Sizes that are not a multiple of
+    `2 ** len(widths)` are zero-padded at the bottom and right and cropped back, as in torch.
+    """
+    widths = [int(w) for w in widths]
+    if not widths or min(widths) < 1:
+        raise ValueError(f"widths must be positive, got {widths!r}")
+    h, w = (int(n) for n in window)
+    factor = 2 ** len(widths)
+    pad = ((0, (-h) % factor), (0, (-w) % factor))
+    layers = keras.layers
+    count = itertools.count()
+
+    def conv(z, width: int, size: int = 3, activation: str | None = "relu"):
+        i = next(count)
+        return layers.Conv2D(
+            width,
+            size,
+            padding="same",
+            activation=activation,
+            data_format="channels_last",
+            kernel_initializer=keras.initializers.GlorotUniform(
+                None if seed is None else int(seed) + i
+            ),
+            bias_initializer="zeros",
+            name=f"conv{i}",
+        )(z)
+
+    inputs = keras.Input((int(in_channels), h, w))
+    z = layers.Permute((2, 3, 1))(inputs)  # channels last, inside the model
+    if pad[0][1] or pad[1][1]:
+        z = layers.ZeroPadding2D(pad, data_format="channels_last")(z)
+    skips = []
+    for width in widths:
+        z = conv(conv(z, width), width)
+        skips.append(z)
+        z = layers.MaxPooling2D(2, data_format="channels_last")(z)
+    z = conv(conv(z, 2 * widths[-1]), 2 * widths[-1])
+    for width, skip in zip(reversed(widths), reversed(skips)):
+        z = layers.UpSampling2D(2, data_format="channels_last", interpolation="nearest")(z)
+        z = layers.Concatenate(axis=-1)([z, skip])
+        z = conv(conv(z, width), width)
+    z = conv(z, int(out_channels), 1, None)
+    if pad[0][1] or pad[1][1]:
+        z = layers.Cropping2D(pad, data_format="channels_last")(z)
+    outputs = layers.Permute((3, 1, 2))(z)  # back to [B, out_channels, h, w]
+    return keras.Model(inputs, outputs, name="unet")
+
+
+def unet_convolutions(model: keras.Model) -> list:
+    """The U-Net's convolutions in the order of `cubebench.models.torch.UNet.convolutions`
+    (their creation order: down, bottleneck, up, head)."""
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    return sorted(convs, key=lambda layer: int(layer.name.removeprefix("conv")))
+
+
+def masked_mse(packed, pred):
+    """The MSE over the masked pixels: `packed` is `[B, 2t, h, w]` (the target's t planes,
+    then its mask's, as `cubebench.loading.tf.dataset` packs them), `pred` `[B, t, h, w]`;
+    sum(mask (pred - y)^2) / max(sum(mask), 1), as in torch."""
+    ops = keras.ops
+    t = ops.shape(pred)[1]
+    y, mask = packed[:, :t], packed[:, t:]
+    return ops.sum(mask * ops.square(pred - y)) / ops.maximum(ops.sum(mask), 1.0)
+
+
+class MaskedMSE(keras.metrics.Metric):
+    """The MSE over all the masked pixels seen (an epoch's, a validation pass's): Keras'
+    loss tracker averages per-batch losses weighted by batch size, torch's loops (and the
+    runner's metrics) weight every pixel the same; this is the number both twins log."""
+
+    def __init__(self, name: str = "masked_mse", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.total = self.add_variable((), initializer="zeros", name="total")
+        self.pixels = self.add_variable((), initializer="zeros", name="pixels")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        ops = keras.ops
+        t = ops.shape(y_pred)[1]
+        y, mask = y_true[:, :t], y_true[:, t:]
+        self.total.assign_add(ops.sum(mask * ops.square(y_pred - y)))
+        self.pixels.assign_add(ops.sum(mask))
+
+    def result(self):
+        return self.total / keras.ops.maximum(self.pixels, 1.0)
+
+    def reset_state(self):
+        self.total.assign(0.0)
+        self.pixels.assign(0.0)
+
+
 def copy_model(model: keras.Model) -> keras.Model:
     """An independent copy with the same weights (not compiled)."""
     clone = keras.models.clone_model(model)
@@ -86,15 +191,25 @@ def freeze(model: keras.Model, n_layers: int) -> None:
 
 
 def compile_model(
-    model: keras.Model, lr: float, decay_steps: int = 0, alpha: float = 0.0
+    model: keras.Model,
+    lr: float,
+    decay_steps: int = 0,
+    alpha: float = 0.0,
+    *,
+    masked: bool = False,
 ) -> keras.Model:
-    """Adam with a per-step cosine decay to `alpha * lr` over `decay_steps` (0: constant), MSE."""
+    """Adam with a per-step cosine decay to `alpha * lr` over `decay_steps` (0: constant), MSE;
+    `masked`: the masked MSE of windows, with `MaskedMSE` as the logged loss."""
     rate = (
         keras.optimizers.schedules.CosineDecay(lr, decay_steps, alpha=alpha)
         if decay_steps > 0
         else lr
     )
-    model.compile(optimizer=keras.optimizers.Adam(rate, epsilon=EPSILON), loss="mse")
+    optimizer = keras.optimizers.Adam(rate, epsilon=EPSILON)
+    if masked:
+        model.compile(optimizer=optimizer, loss=masked_mse, metrics=[MaskedMSE()])
+    else:
+        model.compile(optimizer=optimizer, loss="mse")
     return model
 
 
@@ -102,7 +217,7 @@ def steps_per_epoch(samples: int, batch_size: int) -> int:
     return max(1, -(-int(samples) // int(batch_size)))
 
 
-def batches(stream: ChunkStream) -> tf.data.Dataset:
+def batches(stream: Stream) -> tf.data.Dataset:
     """`cubebench.loading.tf.dataset(stream)` with its number of batches declared, so that
     Keras knows the epoch's length (without it, Keras warns at the end of the first epoch
     that the input ran out of data)."""
@@ -160,6 +275,8 @@ class EpochLog(keras.callbacks.Callback):
             seconds = time.perf_counter() - self._started
         self.train_seconds += seconds
         loss, val_loss = logs.get("loss"), logs.get("val_loss")
+        if "masked_mse" in logs:  # windows: the MSE of every masked pixel, as torch logs it
+            loss, val_loss = logs["masked_mse"], logs.get("val_masked_mse")
         self.history.append(
             EpochLoss(
                 float(loss),
@@ -211,8 +328,8 @@ def time_train_steps(
 def fit_stream(
     model: keras.Model,
     context: Context,
-    train: ChunkStream,
-    val: ChunkStream | None,
+    train: Stream,
+    val: Stream | None,
     *,
     epochs: int,
     lr: float,
@@ -227,9 +344,12 @@ def fit_stream(
     traces the graph) - the other steps x the time of one step on a cached batch; it also
     counts Keras' per-step overhead outside the step and the CPU the input pipeline takes
     from the model on a shared CPU. Sets `context.stall_seconds` and `stall_estimated`.
+
+    Windows (a `PatchStream`) train on the masked MSE; samples are windows.
     """
+    windows = isinstance(train, PatchStream)
     steps = steps_per_epoch(context.task.samples[train.part], train.batch_size)
-    compile_model(model, lr, epochs * steps, alpha)
+    compile_model(model, lr, epochs * steps, alpha, masked=windows)
     log = EpochLog(context, context.task.samples[train.part], epochs, of=of)
     model.fit(
         batches(train),
@@ -240,12 +360,18 @@ def fit_stream(
         callbacks=[log],
     )
     # one batch of the part, from a stream outside the counted training streams
-    probe = ChunkStream(
-        context.task, train.part, train.batch_size, shuffle=False, threads=context.threads
+    probe = open_stream(
+        context.task,
+        train.part,
+        batch_size=train.batch_size,
+        shuffle=False,
+        threads=context.threads,
     )
     first_batches = probe.batches(0)
-    x, y = next(first_batches)
+    x, y, *mask = next(first_batches)
     first_batches.close()
+    if mask:  # Keras' y of windows: the target and its mask, packed as the dataset packs them
+        y = np.concatenate([y, mask[0]], axis=1)
     step = time_train_steps(model, x, y)
     total = epochs * steps
     if log.first_step_seconds is None:  # one step per epoch: no tracing measured
@@ -294,10 +420,10 @@ def _predict_function(model: keras.Model):
     traces again for every new batch shape (the last, partial batch) and every model."""
     function = _predict_functions.get(model)
     if function is None:
-        n_features = model.inputs[0].shape[-1]
+        shape = tuple(model.inputs[0].shape[1:])  # (n_features,) or (C, h, w)
         function = tf.function(
             lambda x: model(x, training=False),
-            input_signature=[tf.TensorSpec((None, n_features), tf.float32)],
+            input_signature=[tf.TensorSpec((None, *shape), tf.float32)],
         )
         _predict_functions[model] = function
     return function
@@ -305,14 +431,22 @@ def _predict_function(model: keras.Model):
 
 def warm_up_predict(model: keras.Model) -> None:
     """Trace `predict`'s forward pass now (at the end of the fit), not in the first call."""
-    predict(model, np.zeros((1, model.inputs[0].shape[-1]), np.float32))
+    predict(model, np.zeros((1, *model.inputs[0].shape[1:]), np.float32))
 
 
 def predict(model: keras.Model, x: np.ndarray) -> np.ndarray:
-    """Normalised predictions, 1-D float32, in batches of `EVAL_BATCH`."""
+    """Normalised predictions, float32, in batches of `EVAL_BATCH` pixels: 1-D for pixels
+    `x[B, F]`, `[B, t, h, w]` for windows `x[B, C, h, w]`."""
     x = np.ascontiguousarray(x, np.float32)
-    out = np.empty(len(x), np.float32)
     function = _predict_function(model)
+    if x.ndim != 2:
+        step = max(1, EVAL_BATCH // int(np.prod(x.shape[2:])))
+        out = np.empty((len(x), *model.outputs[0].shape[1:]), np.float32)
+        for start in range(0, len(x), step):
+            part = x[start : start + step]
+            out[start : start + len(part)] = function(part).numpy()
+        return out
+    out = np.empty(len(x), np.float32)
     for start in range(0, len(x), EVAL_BATCH):
         part = x[start : start + EVAL_BATCH]
         out[start : start + len(part)] = function(part).numpy().reshape(-1)

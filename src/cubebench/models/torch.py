@@ -1,8 +1,14 @@
-"""The PyTorch half of the fairness twins: the MLP, its optimiser and its training loops.
+"""The PyTorch half of the fairness twins: the MLP and the U-Net, their optimiser and their
+training loops.
 
-`cubebench.models.keras` builds the same model: the same layers and widths, activation,
+`cubebench.models.keras` builds the same models: the same layers and widths, activation,
 Glorot-uniform weights and zero biases (set explicitly: torch's default init differs), Adam
-with the same learning rate and cosine schedule, the same batch size, epochs and MSE loss.
+with the same learning rate and cosine schedule, the same batch size, epochs and loss (MSE;
+on windows, the MSE over the pixels to fill).
+
+The loops take pixel batches `(x[B, F], y[B])` and window batches `(x[B, C, h, w],
+y[B, t, h, w], mask[B, t, h, w])` alike; on windows the logged losses are the MSE over all
+the masked pixels of the epoch (not a mean of per-batch means), as Keras' `MaskedMSE` metric.
 """
 
 from __future__ import annotations
@@ -16,12 +22,12 @@ import torch
 from torch import nn
 
 from cubebench.case import Context
-from cubebench.loading.stream import ChunkStream
+from cubebench.loading import PatchStream, Stream
 from cubebench.models import EpochLoss
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 EPSILON = 1e-7  # Adam's epsilon: Keras' default, set in both frameworks
-EVAL_BATCH = 65536
+EVAL_BATCH = 65536  # pixels per forward pass in evaluation and prediction
 
 
 def seed_and_threads(seed: int, threads: int) -> None:
@@ -55,6 +61,86 @@ def build_mlp(
                 nn.init.xavier_uniform_(layer.weight, generator=generator)
                 nn.init.zeros_(layer.bias)
     return nn.Sequential(*layers)
+
+
+class UNet(nn.Module):
+    """A U-Net of `len(widths)` levels: per level two 3x3 convolutions + ReLU, then 2x2 max
+    pooling; a bottleneck of width `2 * widths[-1]`; back up by nearest x2 upsampling and
+    concatenation of the level's features (upsampled first, skip second), two convolutions;
+    a 1x1 convolution to `out_channels`. Inputs whose height or width is not a multiple of
+    `2 ** len(widths)` are zero-padded at the bottom and right, the output cropped back."""
+
+    def __init__(self, in_channels: int, out_channels: int, widths: Sequence[int]):
+        super().__init__()
+        widths = [int(w) for w in widths]
+        if not widths or min(widths) < 1:
+            raise ValueError(f"widths must be positive, got {widths!r}")
+        self.factor = 2 ** len(widths)
+        self.down = nn.ModuleList()
+        width = int(in_channels)
+        for w in widths:
+            self.down.append(_double_conv(width, w))
+            width = w
+        self.bottleneck = _double_conv(width, 2 * widths[-1])
+        width = 2 * widths[-1]
+        self.up = nn.ModuleList()
+        for w in reversed(widths):
+            self.up.append(_double_conv(width + w, w))
+            width = w
+        self.head = nn.Conv2d(width, int(out_channels), 1)
+        self.pool = nn.MaxPool2d(2)
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def convolutions(self) -> list[nn.Conv2d]:
+        """Every convolution in the order of `cubebench.models.keras.unet_convolutions`."""
+        return [m for m in self.modules() if isinstance(m, nn.Conv2d)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        pad_h, pad_w = (-h) % self.factor, (-w) % self.factor
+        if pad_h or pad_w:
+            x = nn.functional.pad(x, (0, pad_w, 0, pad_h))
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for block, skip in zip(self.up, reversed(skips)):
+            x = block(torch.cat([self.upsample(x), skip], dim=1))
+        return self.head(x)[..., :h, :w]
+
+
+def _double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        nn.ReLU(),
+    )
+
+
+def build_unet(
+    in_channels: int,
+    out_channels: int,
+    widths: Sequence[int] = (16, 32),
+    seed: int | None = None,
+) -> UNet:
+    """The U-Net (`UNet`): `[B, in_channels, h, w]` in, `[B, out_channels, h, w]` out;
+    Glorot-uniform weights and zero biases, from a generator of `seed` if one is given."""
+    generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+    model = UNet(in_channels, out_channels, widths)
+    with torch.no_grad():
+        for conv in model.convolutions():
+            nn.init.xavier_uniform_(conv.weight, generator=generator)
+            nn.init.zeros_(conv.bias)
+    return model
+
+
+def masked_mse(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The MSE over the masked pixels (the pixels to fill): sum(mask (pred - y)^2) / sum(mask),
+    0 for a batch without any. Keeps to the device (no host sync)."""
+    return (mask * (pred - y) ** 2).sum() / torch.clamp_min(mask.sum(), 1.0)
 
 
 def dense_layers(model: nn.Sequential) -> list[nn.Linear]:
@@ -96,9 +182,14 @@ def steps_per_epoch(samples: int, batch_size: int) -> int:
     return max(1, -(-int(samples) // int(batch_size)))
 
 
-def _step(model, adam, schedule, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _step(
+    model, adam, schedule, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     adam.zero_grad(set_to_none=True)
-    loss = nn.functional.mse_loss(model(x).squeeze(-1), y)
+    if mask is None:
+        loss = nn.functional.mse_loss(model(x).squeeze(-1), y)
+    else:
+        loss = masked_mse(model(x), y, mask)
     loss.backward()
     adam.step()
     schedule.step()
@@ -110,44 +201,71 @@ def train_epoch(
     adam: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     context: Context,
-    stream: ChunkStream,
+    stream: Stream,
     epoch: int,
 ) -> tuple[float, int]:
     """One epoch over the stream through `context.timed_batches` (which measures the data
-    stall). Returns (mean training MSE, samples)."""
+    stall). Returns (mean training MSE, samples); on windows the MSE of the masked pixels
+    and the samples are windows."""
     device = torch.device(context.device)
     model.train()
     total = torch.zeros((), dtype=torch.float64, device=device)
+    weight = torch.zeros((), dtype=torch.float64, device=device)
     samples = 0
-    for x, y in context.timed_batches(stream, epoch):
+    for x, y, *mask in context.timed_batches(stream, epoch):
         xt = torch.from_numpy(x).to(device, non_blocking=True)
         yt = torch.from_numpy(y).to(device, non_blocking=True)
-        total += _step(model, adam, schedule, xt, yt).double() * len(y)
+        if mask:
+            mt = torch.from_numpy(mask[0]).to(device, non_blocking=True)
+            pixels = mt.sum(dtype=torch.float64)
+            total += _step(model, adam, schedule, xt, yt, mt).double() * pixels
+            weight += pixels
+        else:
+            total += _step(model, adam, schedule, xt, yt).double() * len(y)
         samples += len(y)
+    if isinstance(stream, PatchStream):
+        return float(total) / max(float(weight), 1.0), samples
     return float(total) / max(samples, 1), samples
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: str | torch.device = "cpu") -> float:
-    """Mean squared error over (X, y) numpy batches (normalised units)."""
+    """Mean squared error over (X, y) numpy batches (normalised units); over the masked
+    pixels of (x, y, mask) window batches."""
     device = torch.device(device)
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    n = 0
-    for x, y in batches:
+    n: int | torch.Tensor = 0
+    for x, y, *mask in batches:
         xt = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device)
         yt = torch.from_numpy(np.ascontiguousarray(y, np.float32)).to(device)
-        total += ((model(xt).squeeze(-1) - yt) ** 2).sum(dtype=torch.float64)
-        n += len(y)
-    return float(total) / max(n, 1)
+        if mask:
+            mt = torch.from_numpy(np.ascontiguousarray(mask[0], np.float32)).to(device)
+            total += (mt * (model(xt) - yt) ** 2).sum(dtype=torch.float64)
+            n = n + mt.sum(dtype=torch.float64)
+        else:
+            total += ((model(xt).squeeze(-1) - yt) ** 2).sum(dtype=torch.float64)
+            n += len(y)
+    return float(total) / max(float(n), 1.0)
+
+
+def eval_batch(x: np.ndarray) -> int:
+    """Rows per forward pass: `EVAL_BATCH` pixels, as whole windows for window inputs."""
+    return EVAL_BATCH if x.ndim == 2 else max(1, EVAL_BATCH // int(np.prod(x.shape[2:])))
 
 
 @torch.no_grad()
 def predict(model: nn.Module, x: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
-    """Normalised predictions, 1-D float32, computed in batches of `EVAL_BATCH`."""
+    """Normalised predictions, float32, in batches of `EVAL_BATCH` pixels: 1-D for pixels
+    `x[B, F]`, `[B, t, h, w]` for windows `x[B, C, h, w]`."""
     device = torch.device(device)
     model.eval()
     x = np.ascontiguousarray(x, np.float32)
+    if x.ndim != 2:
+        step = eval_batch(x)
+        starts = range(0, max(len(x), 1), step)  # an empty batch still gives the output's shape
+        parts = [model(torch.from_numpy(x[i : i + step]).to(device)).cpu().numpy() for i in starts]
+        return np.concatenate(parts)
     out = np.empty(len(x), np.float32)
     for start in range(0, len(x), EVAL_BATCH):
         xt = torch.from_numpy(x[start : start + EVAL_BATCH]).to(device)
@@ -163,8 +281,8 @@ def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int = EVAL_BATCH):
 def fit_stream(
     model: nn.Module,
     context: Context,
-    train: ChunkStream,
-    val: ChunkStream | None,
+    train: Stream,
+    val: Stream | None,
     *,
     epochs: int,
     lr: float,
@@ -173,7 +291,8 @@ def fit_stream(
     of: int | None = None,
 ) -> None:
     """Train on a stream for `epochs` epochs (Adam, cosine decay over all of them), logging
-    training and validation MSE per epoch."""
+    training and validation MSE per epoch. Pixels or windows: the steps follow the part's
+    samples (windows for a patch task)."""
     decay = epochs * steps_per_epoch(context.task.samples[train.part], train.batch_size)
     adam, schedule = optimizer(model, lr, decay, alpha)
     for epoch in range(epochs):
