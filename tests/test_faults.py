@@ -251,18 +251,24 @@ def test_a_corrupted_chunk_fails_the_cases_that_read_it_and_no_other(corrupted_c
     assert "global" in proc.stderr and "c/0/4/1" in proc.stderr
 
 
+@pytest.mark.parametrize("task_name", ["lst-from-t2m", "lst-gapfill"])
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_the_loader_names_a_chunk_that_breaks_after_preparation(tmp_path, damage, cube_cache):
-    """The chunk is fine when the task is prepared and broken when the stream reads it."""
+def test_the_loader_names_a_chunk_that_breaks_after_preparation(
+    tmp_path, damage, task_name, cube_cache
+):
+    """The chunk is fine when the task is prepared and broken when the stream (of pixels or
+    of windows) reads it."""
     from cubebench.cube import make_cube, open_cube
     from cubebench.errors import ChunkReadError
+    from cubebench.loading import open_stream
     from cubebench.loading.readers import available_readers
-    from cubebench.loading.stream import ChunkStream
     from cubebench.task import get_task, prepare_task
 
-    path = make_cube("tiny", layout="23,15,30", output=tmp_path / "c.zarr")
-    task = prepare_task(get_task("lst-from-t2m"), open_cube(str(path)))
-    chunk = tuple(int(i) for i in task.blocks["train"][0])
+    # chunks small enough for a pixel split, or the whole map per block for windows
+    layout = "23,15,30" if task_name == "lst-from-t2m" else "8,23,45"
+    path = make_cube("tiny", layout=layout, output=tmp_path / "c.zarr")
+    task = prepare_task(get_task(task_name), open_cube(str(path)))
+    chunk = open_stream(task, "train", shuffle=False).chunks[0]
     key = "c/" + "/".join(map(str, chunk))
     stored = path / "air_temperature_2m" / key
     raw = stored.read_bytes()
@@ -271,12 +277,15 @@ def test_the_loader_names_a_chunk_that_breaks_after_preparation(tmp_path, damage
     else:
         stored.write_bytes(np.random.default_rng(0).bytes(len(raw)))
     for reader in available_readers(task.cube):
-        stream = ChunkStream(task, "train", shuffle=False, reader=reader)
+        stream = open_stream(task, "train", shuffle=False, reader=reader)
         with pytest.raises(ChunkReadError) as raised:
             for _ in stream.batches(0):
                 pass
         message = str(raised.value)
-        assert f"'air_temperature_2m' chunk {key} of {path}" in message, (reader, message)
+        assert f"chunk {key} of {path}" in message, (reader, message)
+        # the variable; or all of them, where the damaged chunk then read fine alone (a
+        # truncated blosc buffer may decode past its end: undefined, seen with zarr's blosc)
+        assert "'air_temperature_2m" in message, (reader, message)
 
 
 # --- two suites into one results root --------------------------------------------------------

@@ -34,11 +34,19 @@ def chunk_key(ds: xr.Dataset, var: str, index: Sequence[int]) -> str:
     return "index " + ",".join(str(int(i)) for i in index)
 
 
-def chunk_error(ds: xr.Dataset, var: str, index: Sequence[int], error: BaseException) -> str:
+def chunk_error(
+    ds: xr.Dataset,
+    var: str,
+    index: Sequence[int],
+    error: BaseException,
+    key_of: str | None = None,
+) -> str:
+    """One line naming `var` (or several, "a/b") and the chunk's store key (that of `key_of`:
+    variables on one grid share their keys)."""
     where = ds.attrs.get("cubebench_source") or ds.attrs.get("cubebench_store") or "the cube"
     reason = str(error).splitlines()[0][:200] if str(error) else ""
     return (
-        f"cannot read {var!r} chunk {chunk_key(ds, var, index)} of {where}: "
+        f"cannot read {var!r} chunk {chunk_key(ds, key_of or var, index)} of {where}: "
         f"{type(error).__name__}: {reason}"
     )
 

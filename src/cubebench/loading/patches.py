@@ -26,10 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cubebench.cube.integrity import chunk_error
-from cubebench.errors import ChunkReadError
 from cubebench.loading.readers import ChunkReader, open_reader
-from cubebench.loading.stream import LoadStats, concatenate, cut_batches
+from cubebench.loading.stream import LoadStats, concatenate, cut_batches, read_chunk
 from cubebench.task import PreparedTask
 from cubebench.windows import hidden_mask
 
@@ -174,25 +172,11 @@ class PatchStream:
         )
         self.channels = len(self.channel_names)
 
-    def _read(self, chunk: ChunkIndex) -> list[np.ndarray]:
-        window = self.chunk_slices(chunk)
-        try:
-            return self.reader.read_many(self.variables, window)
-        except Exception as error:
-            for var in self.variables:  # which one? read them alone
-                try:
-                    self.reader.read(var, window)
-                except Exception as alone:
-                    raise ChunkReadError(chunk_error(self.task.cube, var, chunk, alone)) from None
-            raise ChunkReadError(
-                chunk_error(self.task.cube, "/".join(self.variables), chunk, error)
-            ) from None
-
     def decode(self, chunk: ChunkIndex) -> tuple[np.ndarray, int, int, float]:
         """One chunk as float32 (variables..., hidden) planes: (stack, stored, decoded, s)."""
         start = time.perf_counter()
-        arrays = self._read(chunk)
         window = self.chunk_slices(chunk)
+        arrays = read_chunk(self.reader, self.task.cube, self.variables, chunk, window)
         stack = np.empty((len(arrays) + 1, *arrays[0].shape), np.float32)
         for k, a in enumerate(arrays):
             stack[k] = a

@@ -187,20 +187,6 @@ class ChunkStream:
             for j, name in enumerate(names, start=n_inputs)
         ]
 
-    def _read(self, chunk: ChunkIndex, window: tuple[slice, slice, slice]) -> list[np.ndarray]:
-        """Every variable on one chunk; a chunk that cannot be read is named in the error."""
-        try:
-            return self.reader.read_many(self.variables, window)
-        except Exception as error:
-            for var in self.variables:  # which one? read them alone
-                try:
-                    self.reader.read(var, window)
-                except Exception as alone:
-                    raise ChunkReadError(chunk_error(self.task.cube, var, chunk, alone)) from None
-            raise ChunkReadError(
-                chunk_error(self.task.cube, "/".join(self.variables), chunk, error)
-            ) from None
-
     def decode(self, chunk: ChunkIndex, epoch: int | None = None) -> Decoded:
         """Read, mask and normalise one chunk: float32 (X[n, F], y[n]) of its valid samples.
 
@@ -210,7 +196,7 @@ class ChunkStream:
         """
         start = time.perf_counter()
         window = self.chunk_slices(chunk)
-        arrays = self._read(chunk, window)
+        arrays = read_chunk(self.reader, self.task.cube, self.variables, chunk, window)
         sel = self.task.selections[self.part]
         selection = tuple(mask[w] for mask, w in zip((sel.time, sel.lat, sel.lon), window))
         # the coordinate features along this chunk's window, one row per feature
@@ -338,6 +324,28 @@ def cut_batches(
         waiting = time.perf_counter()
     stats.stall_seconds += time.perf_counter() - waiting
     stats.wall_seconds += time.perf_counter() - started
+
+
+def read_chunk(
+    reader: ChunkReader,
+    cube,
+    variables: tuple[str, ...],
+    chunk: ChunkIndex,
+    window: tuple[slice, slice, slice],
+) -> list[np.ndarray]:
+    """Every variable on one chunk; a chunk that cannot be read is named in the error."""
+    try:
+        return reader.read_many(variables, window)
+    except Exception as error:
+        for var in variables:  # which one? read them alone
+            try:
+                reader.read(var, window)
+            except Exception as alone:
+                raise ChunkReadError(chunk_error(cube, var, chunk, alone)) from None
+        # the error did not repeat variable by variable (a truncated blosc buffer can decode
+        # past its end): name them all, and the chunk
+        message = chunk_error(cube, "/".join(variables), chunk, error, key_of=variables[0])
+        raise ChunkReadError(message) from None
 
 
 def aligned_empty(shape: tuple[int, ...], dtype=np.float32, alignment: int = 64) -> np.ndarray:
