@@ -68,11 +68,12 @@ def image():
 
 @pytest.fixture(scope="module")
 def suite_run(image, tmp_path_factory):
-    """`nox -s bench-cpu -- --cube synthetic:tiny`: every case, in the container."""
+    """`nox -s bench-cpu -- --cube synthetic:tiny --epochs 2`: every case, in the container."""
     out = tmp_path_factory.mktemp("docker-results")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    args = ["--cube", "synthetic:tiny", "--epochs", "2", "--run-id", "in-docker"]
     proc = subprocess.run(
-        [*NOX, "-s", "bench-cpu", "--", "--cube", "synthetic:tiny", "--run-id", "in-docker"],
+        [*NOX, "-s", "bench-cpu", "--", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -136,6 +137,7 @@ def test_a_rerun_in_the_image_gives_the_same_numbers(image, suite_run):
             "bench-cpu",
             "--",
             "--cube=synthetic:tiny",
+            "--epochs=2",
             f"--cases={cases}",
             "--run-id=rerun",
         ],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import time
@@ -461,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CubebenchError as exc:
         print(f"cubebench: error: {_one_line(str(exc))}", file=sys.stderr)
+        # zarr's reads still pending when a store fails to open are destroyed at exit, and
+        # asyncio logs each one ("Task was destroyed but it is pending!"): noise after the
+        # one line that says what went wrong
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("cubebench: interrupted", file=sys.stderr)
