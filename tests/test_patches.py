@@ -4,9 +4,11 @@ the artificial gaps independent of chunking."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
+import threading
 from collections import Counter
 from dataclasses import replace
 
@@ -17,7 +19,7 @@ from cubebench.errors import TaskError
 from cubebench.loading import PatchStream, open_stream
 from cubebench.loading.readers import open_reader
 from cubebench.task import get_task, prepare_task
-from cubebench.windows import Patch, hidden_mask
+from cubebench.windows import Patch, cell_counts, hidden_mask, n_cells, place_windows
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +112,15 @@ def test_windows_across_chunk_borders_equal_a_numpy_slice(task, tiny):
     assert mask.sum() == task.windows.targets["train"]
 
 
+def window_keys(stream, epoch: int) -> Counter:
+    """Each delivered window as the bytes of its (x, y, mask): a multiset to compare."""
+    return Counter(
+        b"".join(a.tobytes() for a in window)
+        for batch in stream.batches(epoch)
+        for window in zip(*batch)
+    )
+
+
 class CountingReader:
     """A reader that counts how often each chunk of each variable is read."""
 
@@ -141,10 +152,9 @@ def test_each_chunk_is_decoded_once_per_epoch_and_each_window_delivered_once(
     reader = CountingReader(open_reader(task.cube), edges)
     stream = PatchStream(task, "train", 16, reader=reader, buffer_chunks=buffer_chunks)
     plain = PatchStream(task, "train", 16, shuffle=False)
-    reference = Counter(x.tobytes() for b in plain.batches(0) for x in b[0])
+    reference = window_keys(plain, 0)
     for epoch in range(2):
-        seen = Counter(x.tobytes() for b in stream.batches(epoch) for x in b[0])
-        assert seen == reference  # every window once, whatever the order
+        assert window_keys(stream, epoch) == reference  # every window once, whatever the order
     variables = (*task.spec.inputs, task.spec.target)
     assert set(reader.reads) == {(v, c) for v in variables for c in stream.chunks}
     assert set(reader.reads.values()) == {2}  # two epochs: each chunk twice, never more
@@ -163,22 +173,144 @@ def test_shuffled_epochs_differ_and_repeat_with_the_seed(task):
 
 
 def test_shards_cover_every_window_once(task):
-    whole = Counter(
-        x.tobytes() for b in PatchStream(task, "train", 16, shuffle=False) for x in b[0]
-    )
+    whole = window_keys(PatchStream(task, "train", 16, shuffle=False), 0)
     shards = [PatchStream(task, "train", 16).shard(i, 3) for i in range(3)]
-    seen = Counter(x.tobytes() for s in shards for b in s.batches(0) for x in b[0])
-    assert seen == whole
+    assert sum((window_keys(s, 0) for s in shards), Counter()) == whole
     # whole strips per shard: no chunk decoded by two shards
     assert sum(s.stats.chunks_decoded for s in shards) == len(shards[0].chunks)
+
+
+@pytest.fixture(scope="module")
+def deep(tiny):
+    """Windows 3 steps deep every step (overlapping), crossing time chunks too: blocks of
+    2 x 2 x 2 chunks, a single strip."""
+    spec = replace(
+        get_task("lst-gapfill"), patch=Patch((3, 8, 8), (1, 4, 4)), block_chunks=(2, 2, 2)
+    )
+    return prepare_task(spec, tiny)
+
+
+def test_deep_windows_cross_time_chunks_and_each_chunk_is_decoded_once(deep, tiny):
+    stream = PatchStream(deep, "train", 16)
+    assert len(stream.strips) == 1  # every axis is crossed
+    values = {v: tiny[v].values for v in (*deep.spec.inputs, deep.spec.target)}
+    plain = PatchStream(deep, "train", 16, shuffle=False)
+    order = np.concatenate([plain.origins[u.windows] for u in plain.epoch_units(0)])
+    x, y, mask = (np.concatenate(a) for a in zip(*plain.batches(0)))
+    for i in range(0, len(order), 7):  # a sample of the windows against the definition
+        rx, ry, rmask = reference_window(deep, values, order[i])
+        np.testing.assert_allclose(x[i], rx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(y[i], ry, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(mask[i], rmask)
+    time_edges = np.cumsum(tiny[deep.spec.target].chunks[0])[:-1]
+    assert any(((order[:, 0] < e) & (order[:, 0] + 3 > e)).any() for e in time_edges)
+    reference = window_keys(plain, 0)
+    for epoch in range(2):
+        assert window_keys(stream, epoch) == reference
+    assert stream.stats.chunks_decoded == 2 * len(stream.chunks)
+    # the walk's direction changes with the epoch: another order, the same windows
+    first = [u.chunk for u in stream.epoch_units(0)]
+    assert any([u.chunk for u in stream.epoch_units(e)] != first for e in range(1, 6))
+
+
+@pytest.mark.parametrize("count", [2, 5])
+def test_shards_of_a_single_strip_take_stretches_of_it(deep, count):
+    whole = window_keys(PatchStream(deep, "train", 16, shuffle=False), 0)
+    shards = [PatchStream(deep, "train", 16).shard(i, count) for i in range(count)]
+    assert sum((window_keys(s, 0) for s in shards), Counter()) == whole
+    decoded = sum(s.stats.chunks_decoded for s in shards)
+    # only the chunks where one stretch ends and the next begins are decoded twice
+    assert decoded <= len(shards[0].chunks) * (1 + 0.5 * (count - 1))
+
+
+def test_a_region_task_fills_only_pixels_inside_the_region(tiny):
+    from cubebench.task import Box
+
+    spec = replace(get_task("lst-gapfill"), region=Box(-40.0, 80.0, -120.0, 160.0))
+    task = prepare_task(spec, tiny)
+    stream = PatchStream(task, "train", 16, shuffle=False)
+    order = np.concatenate([stream.origins[u.windows] for u in stream.epoch_units(0)])
+    _, _, mask = (np.concatenate(a) for a in zip(*stream.batches(0)))
+    lat, lon = task.coords.lat, task.coords.lon
+    for origin, m in zip(order, mask):
+        _, iy, ix = np.nonzero(m)
+        assert ((lat[origin[1] + iy] >= -40) & (lat[origin[1] + iy] <= 80)).all()
+        assert ((lon[origin[2] + ix] >= -120) & (lon[origin[2] + ix] <= 160)).all()
+    assert mask.sum() == task.windows.targets["train"] > 0
 
 
 def test_a_stream_stopped_early_stops_its_threads(task):
     stream = PatchStream(task, "train", 4, threads=2)
     batches = stream.batches(0)
     next(batches)
-    batches.close()  # returns: no thread left waiting on a cancelled decode
+    batches.close()
     assert stream.stats.samples == 4
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("cubebench-")]
+
+
+def test_a_decode_that_fails_reaches_the_consumer_and_stops_the_threads(task):
+    stream = PatchStream(task, "train", 4, threads=2)
+    calls = []
+
+    def failing(chunk):
+        calls.append(chunk)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return PatchStream.decode_planes(stream, chunk)
+
+    stream.decode_planes = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        for _ in stream.batches(0):
+            pass
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("cubebench-")]
+
+
+def test_window_placement_matches_a_brute_force_count():
+    """Random grids, blocks, parts and strides: every window kept, dropped or left out as a
+    window-by-window check decides."""
+    rng = np.random.default_rng(0)
+    parts = ("a", "b", "c")
+    for _ in range(60):
+        shape = tuple(int(v) for v in rng.integers(3, 16, 3))
+        size = tuple(int(rng.integers(1, n + 1)) for n in shape)
+        step = tuple(int(rng.choice([d for d in range(1, s + 1) if s % d == 0])) for s in size)
+        patch = Patch(size, step, 0.3, 2)
+        edges = [np.array([0, *sorted(set(rng.integers(1, n, 3).tolist())), n]) for n in shape]
+        part_of_block = rng.integers(-1, 3, tuple(len(e) - 1 for e in edges))
+        targets = rng.random(shape) < 0.3
+        cells = np.zeros(n_cells(shape, step), np.int64)
+        for block in np.ndindex(*part_of_block.shape):
+            sl = tuple(slice(int(e[i]), int(e[i + 1])) for e, i in zip(edges, block))
+            first, counts = cell_counts(targets[sl], [s.start for s in sl], step)
+            cells[tuple(slice(f, f + n) for f, n in zip(first, counts.shape))] += counts
+        got = place_windows(patch, shape, edges, part_of_block, parts, cells)
+
+        kept = {p: [] for p in parts}
+        pixels = dict.fromkeys(parts, 0)
+        dropped = without = 0
+        per_axis = [(n - s) // k + 1 for n, s, k in zip(shape, size, step)]
+        for index in np.ndindex(*per_axis):
+            origin = tuple(i * k for i, k in zip(index, step))
+            window = tuple(slice(o, o + n) for o, n in zip(origin, size))
+            count = int(targets[window].sum())
+            blocks_per_axis = [
+                {int(np.searchsorted(e, x, "right") - 1) for x in range(w.start, w.stop)}
+                for e, w in zip(edges, window)
+            ]
+            touched = {int(part_of_block[b]) for b in itertools.product(*blocks_per_axis)}
+            touched.discard(-1)
+            if len(touched) > 1:
+                dropped += count > 0
+            elif touched and not count:
+                without += 1
+            elif touched:
+                part = parts[touched.pop()]
+                kept[part].append(origin)
+                pixels[part] += count
+        for part in parts:
+            assert sorted(map(tuple, got.origins[part].tolist())) == sorted(kept[part])
+            assert got.targets[part] == pixels[part]
+        assert (got.dropped_across_parts, got.without_targets) == (dropped, without)
 
 
 def test_gaps_do_not_depend_on_how_the_grid_is_cut():

@@ -343,6 +343,11 @@ def predictions(run: InlineRun, part: str | None = None, predictor: str | None =
     part = part or type(run.case).eval_part
     predictors = run.case.predictors()
     predict = predictors[predictor or next(iter(predictors))]
+    if task.spec.patch is not None:
+        raise ValueError(
+            f"predictions() maps pixel samples back to the grid; task {task.spec.name!r} "
+            "samples windows"
+        )
     stream = context.stream(part, shuffle=False)
     mean, std = task.target_mean, task.target_std
     sel = task.selections[part]

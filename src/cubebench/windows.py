@@ -139,8 +139,8 @@ class Windows:
 
     origins: dict[str, np.ndarray]  # part -> (k, 3) int64
     targets: dict[str, int]  # part -> pixels to predict over its windows
-    dropped_across_parts: int  # touched blocks of two parts: would leak
-    without_targets: int  # no pixel to predict (ocean, clouds, outside the selection)
+    dropped_across_parts: int  # touch blocks of two parts (would leak) and hold targets
+    without_targets: int  # in one part's blocks, no pixel to predict (ocean, clouds...)
 
 
 def place_windows(
@@ -195,7 +195,7 @@ def place_windows(
         origins,
         targets,
         dropped_across_parts=int((across & (counts > 0)).sum()),
-        without_targets=int(((counts == 0) & (high >= 0)).sum()),
+        without_targets=int(((counts == 0) & (high >= 0) & ~across).sum()),
     )
 
 

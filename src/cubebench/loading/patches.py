@@ -6,12 +6,14 @@ chunk and, where its windows reach over a border, the next chunks along that axi
 chunks wait in a cache that counts, for the epoch, how many units still need each one; a chunk
 leaves the cache when its last unit is assembled, so no chunk is decoded twice.
 
-Memory stays bounded because units are visited in C order *within a strip*: a strip is the
+The cache stays small because units are visited in C order *within a strip*: a strip is the
 set of chunks that share an index on every axis no window crosses (with 1-step windows, a
-time slab), and no window needs chunks of two strips. The epoch's order permutes the strips;
-the windows of K consecutive units (the buffer) are then shuffled together. Chunks are
-decoded in threads ahead of the assembly, which runs in its own thread; batches are cut from
-the shuffled groups without per-window Python on the consumer's side.
+time slab), and no window needs chunks of two strips. A chunk then waits for at most about one
+slab of the strip along its outermost crossed axis (one row of chunks when windows cross
+only lat and lon borders). The epoch's order permutes the strips and picks the walk's
+direction on every axis; the windows of K consecutive units (the buffer) are then shuffled
+together. Chunks are decoded in threads ahead of the assembly, which runs in its own thread;
+batches are cut from the shuffled groups without per-window Python on the consumer's side.
 """
 
 from __future__ import annotations
@@ -131,23 +133,37 @@ class PatchStream:
 
     def shard(self, index: int, count: int) -> PatchStream:
         """Restrict to shard `index` of `count`: whole strips when there are enough of them
-        (no chunk is decoded by two shards), else every count-th unit."""
+        (no chunk is decoded by two shards), else a contiguous stretch of units."""
         if not 0 <= index < count:
             raise ValueError(f"shard {index} of {count}")
         self.shard_index, self.shard_count = index, count
         return self
 
     def epoch_units(self, epoch: int) -> list[Unit]:
-        """This shard's units in this epoch's order: strips permuted, C order inside one."""
+        """This shard's units in this epoch's order.
+
+        Shuffled: the strips are permuted, and inside a strip the units are walked in C order
+        with every axis running forwards or backwards by the epoch's draw (either way a chunk
+        is needed by units close together in the walk, so the cache stays small).
+        """
         strips = list(self.strips)
+        signs = np.ones(3, np.int64)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch, 2])
             strips = [strips[i] for i in rng.permutation(len(strips))]
-        if self.shard_count > 1 and len(strips) >= self.shard_count:
-            strips = strips[self.shard_index :: self.shard_count]
-            return [self.units[k] for strip in strips for k in strip]
-        ordered = [self.units[k] for strip in strips for k in strip]
-        return ordered[self.shard_index :: self.shard_count]
+            signs = rng.choice(np.array([-1, 1]), size=3)
+        walks = [
+            sorted(strip, key=lambda k: tuple(signs * np.asarray(self.units[k].chunk)))
+            for strip in strips
+        ]
+        if self.shard_count > 1 and len(walks) >= self.shard_count:
+            walks = walks[self.shard_index :: self.shard_count]
+            return [self.units[k] for walk in walks for k in walk]
+        # fewer strips than shards: a contiguous stretch of the walk each, so that only the
+        # chunks at the stretches' ends are decoded by two shards
+        ordered = [self.units[k] for walk in walks for k in walk]
+        n, i, count = len(ordered), self.shard_index, self.shard_count
+        return ordered[i * n // count : (i + 1) * n // count]
 
     # --- decoding and assembly ----------------------------------------------------------------
 
@@ -172,7 +188,7 @@ class PatchStream:
         )
         self.channels = len(self.channel_names)
 
-    def decode(self, chunk: ChunkIndex) -> tuple[np.ndarray, int, int, float]:
+    def decode_planes(self, chunk: ChunkIndex) -> tuple[np.ndarray, int, int, float]:
         """One chunk as float32 (variables..., hidden) planes: (stack, stored, decoded, s)."""
         start = time.perf_counter()
         window = self.chunk_slices(chunk)
@@ -302,7 +318,7 @@ class PatchStream:
                         with lock:
                             missing = c not in cache
                             if missing:
-                                cache[c] = pool.submit(self.decode, c)
+                                cache[c] = pool.submit(self.decode_planes, c)
                         if missing:
                             cache[c].add_done_callback(decoded)
                     pending.append(assembler.submit(build, unit))

@@ -85,8 +85,10 @@ def build_unet(
 ) -> keras.Model:
     """The U-Net of `cubebench.models.torch.UNet` for windows of `window` (h, w):
     `[B, in_channels, h, w]` in, `[B, out_channels, h, w]` out; Glorot-uniform weights (the
-    i-th convolution seeded `seed + i`) and zero biases. Sizes that are not a multiple of
-    `2 ** len(widths)` are zero-padded at the bottom and right and cropped back, as in torch.
+    i-th convolution seeded `seed + i`) and zero biases: the distribution of the torch twin's
+    weights, not the same draws (the two frameworks' generators differ). Sizes that are not a
+    multiple of `2 ** len(widths)` are zero-padded at the bottom and right and cropped back,
+    as in torch.
     """
     widths = [int(w) for w in widths]
     if not widths or min(widths) < 1:
