@@ -239,16 +239,27 @@ def test_a_region_task_fills_only_pixels_inside_the_region(tiny):
     assert mask.sum() == task.windows.targets["train"] > 0
 
 
+def new_loader_threads(before: set[threading.Thread]) -> list[str]:
+    """Loader threads started since `before` and still alive (streams of other tests that
+    were left unfinished keep theirs until they are collected)."""
+    return [
+        t.name for t in threading.enumerate() if t not in before and t.name.startswith("cubebench-")
+    ]
+
+
 def test_a_stream_stopped_early_stops_its_threads(task):
+    before = set(threading.enumerate())
     stream = PatchStream(task, "train", 4, threads=2)
     batches = stream.batches(0)
     next(batches)
+    assert new_loader_threads(before)  # the test sees them while they run
     batches.close()
     assert stream.stats.samples == 4
-    assert not [t.name for t in threading.enumerate() if t.name.startswith("cubebench-")]
+    assert not new_loader_threads(before)
 
 
 def test_a_decode_that_fails_reaches_the_consumer_and_stops_the_threads(task):
+    before = set(threading.enumerate())
     stream = PatchStream(task, "train", 4, threads=2)
     calls = []
 
@@ -262,7 +273,7 @@ def test_a_decode_that_fails_reaches_the_consumer_and_stops_the_threads(task):
     with pytest.raises(RuntimeError, match="boom"):
         for _ in stream.batches(0):
             pass
-    assert not [t.name for t in threading.enumerate() if t.name.startswith("cubebench-")]
+    assert not new_loader_threads(before)
 
 
 def test_window_placement_matches_a_brute_force_count():
