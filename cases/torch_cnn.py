@@ -22,6 +22,7 @@ class Case(Base):
     library = "torch"
     task = "lst-gapfill"
     devices = ("cpu", "cuda")
+    distributed = True  # `run --nproc N`: DDP over N ranks
     parameters: ClassVar[dict[str, Any]] = CNN_PARAMETERS
 
     def setup(self) -> None:

@@ -19,6 +19,7 @@ class Case(Base):
     library = "torch"
     task = "lst-from-t2m"
     devices = ("cpu", "cuda")
+    distributed = True  # `run --nproc N`: DDP over N ranks
     parameters: ClassVar[dict[str, Any]] = MLP_PARAMETERS
 
     def setup(self) -> None:

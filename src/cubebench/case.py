@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from cubebench import ranks
 from cubebench.loading import Stream, open_stream
 from cubebench.loading.stream import LoadStats, materialize
 from cubebench.task import PreparedTask
@@ -40,7 +41,10 @@ class EpochRecord:
 
 class Context:
     """What the runner hands a case: the prepared task, parameters, device, seed and threads,
-    streams whose loading costs are collected, and a log for per-epoch losses."""
+    streams whose loading costs are collected, and a log for per-epoch losses.
+
+    In a DDP run (`run --nproc N`, torch cases with `distributed = True`) every rank has its
+    own context, and `stream` gives the rank its share of the part's chunks."""
 
     def __init__(
         self,
@@ -58,6 +62,7 @@ class Context:
         self.device = device
         self.seed = seed
         self.threads = threads
+        self.rank, self.world_size = ranks.rank(), ranks.world_size()
         self.tensorboard_dir = tensorboard_dir
         self.epochs: list[EpochRecord] = []
         self.train_streams: list[Stream] = []
@@ -73,10 +78,13 @@ class Context:
 
     def stream(self, part: str = "train", *, shuffle: bool = True, **options) -> Stream:
         """A stream over a part, seeded by the run; training streams count as loading cost.
-        Pixels (`ChunkStream`) or windows (`PatchStream`), by the task's geometry."""
+        Pixels (`ChunkStream`) or windows (`PatchStream`), by the task's geometry; under DDP
+        this rank's disjoint share (the same seed on every rank: one permutation, dealt out)."""
         options.setdefault("batch_size", self.batch_size)
         options.setdefault("threads", self.threads)
         stream = open_stream(self.task, part, shuffle=shuffle, seed=self.seed, **options)
+        if self.world_size > 1:
+            stream.shard(self.rank, self.world_size)
         if shuffle:
             self.train_streams.append(stream)
         return stream
@@ -153,20 +161,7 @@ class Context:
 
     def loading(self) -> LoadStats:
         """The summed loading costs of every training stream."""
-        total = LoadStats()
-        for stream in self.train_streams:
-            s = stream.stats
-            total.chunks_decoded += s.chunks_decoded
-            total.bytes_read += s.bytes_read
-            total.bytes_decoded += s.bytes_decoded
-            total.bytes_needed += s.bytes_needed
-            total.samples += s.samples
-            total.batches += s.batches
-            total.decode_seconds += s.decode_seconds
-            total.wall_seconds += s.wall_seconds
-            total.epochs += s.epochs
-            if total.time_to_first_batch_s is None:
-                total.time_to_first_batch_s = s.time_to_first_batch_s
+        total = sum((stream.stats for stream in self.train_streams), LoadStats())
         total.stall_seconds = self.stall_seconds
         return total
 
@@ -182,6 +177,8 @@ class Case:
     parameters: ClassVar[dict[str, Any]] = {}
     # the part the runner evaluates on (transfer cases evaluate on the target region)
     eval_part: ClassVar[str] = "test"
+    # trains with torch DDP under `cubebench run --nproc N` (its loops reduce across ranks)
+    distributed: ClassVar[bool] = False
 
     def __init__(self, context: Context):
         self.context = context

@@ -178,7 +178,17 @@ def _params(parameters: dict) -> str:
 
 
 # what `run --resume` takes from the run's manifest instead of the command line
-RUN_SETTINGS = ("cube", "cases", "device", "epochs", "seed", "threads", "timeout", "run_id")
+RUN_SETTINGS = (
+    "cube",
+    "cases",
+    "device",
+    "epochs",
+    "seed",
+    "threads",
+    "timeout",
+    "nproc",
+    "run_id",
+)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -215,6 +225,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "threads": args.threads,
             "timeout": args.timeout,
+            "nproc": args.nproc,
         }
     cube = open_cube(settings["cube"], storage_options=options)  # a bad cube fails here
     _preflight(cube, {available[name][1].task for name in settings["cases"]})
@@ -382,8 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", metavar="TRAIN,VAL,TEST", help="split fractions")
     p.add_argument(
         "--dask-scheduler",
-        metavar="ADDRESS|local",
-        help="compute statistics on a dask.distributed cluster",
+        metavar="ADDRESS|local[:N]",
+        help="compute the split and statistics on a dask.distributed cluster: a scheduler "
+        "address, or local[:N] for a LocalCluster of N worker processes",
     )
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_prepare)
@@ -428,6 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=_positive(int), help="threads per case (default: the CPU count)"
     )
     p.add_argument("--timeout", type=_positive(float), default=1800.0, help="seconds per case")
+    p.add_argument(
+        "--nproc",
+        type=_positive(int),
+        default=1,
+        help="torch DDP ranks (torchrun; gloo on CPU, nccl on GPU, one GPU per rank) for the "
+        "cases that support it; the ranks share --threads (default: %(default)s)",
+    )
     p.add_argument("--run-id", help="name of the run (default: date-time-random)")
     p.add_argument(
         "--resume",

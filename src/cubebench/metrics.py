@@ -37,6 +37,27 @@ class RegressionMetrics:
         self.sum_true += float(t.sum())
         self.sum_sq_true += float(t @ t)
 
+    def merge(self, other: RegressionMetrics) -> RegressionMetrics:
+        """The sums over both parts (DDP ranks' shares of the test part), re-centred on this
+        part's shift so the variance sum stays exact."""
+        if other.n == 0:
+            return RegressionMetrics(**vars(self))
+        if self.n == 0:
+            return RegressionMetrics(**vars(other))
+        d = (other.shift or 0.0) - (self.shift or 0.0)  # other's (t - s2) = (t - s1) - d
+        return RegressionMetrics(
+            n=self.n + other.n,
+            sum_error=self.sum_error + other.sum_error,
+            sum_abs_error=self.sum_abs_error + other.sum_abs_error,
+            sum_sq_error=self.sum_sq_error + other.sum_sq_error,
+            sum_true=self.sum_true + other.sum_true + other.n * d,
+            sum_sq_true=self.sum_sq_true
+            + other.sum_sq_true
+            + 2 * d * other.sum_true
+            + other.n * d * d,
+            shift=self.shift,
+        )
+
     def result(self, noise_floor: float | None = None) -> dict[str, float | None]:
         if self.n == 0:
             raise ValueError("no samples to evaluate")

@@ -234,6 +234,7 @@ def failed_result(spec: dict, reason: str, seconds: float) -> dict:
         "params": spec["params"],
         "seed": spec["seed"],
         "threads": spec["threads"],
+        "world_size": spec.get("nproc", 1),
         "finished_at": results.now(),
         "metrics": None,
         "timing": {"warmup_s": None, "fit_s": None, "predict_s": None, "total_s": seconds},
@@ -300,6 +301,7 @@ def resume_settings(out: Path, run_id: str) -> dict[str, Any]:
         raise CubebenchError(f"{path} lacks {', '.join(missing)}: cannot resume it")
     settings = {k: manifest[k] for k in RESUMED_SETTINGS}
     settings["timeout"] = settings.pop("timeout_s")
+    settings["nproc"] = manifest.get("nproc", 1)  # runs from before `--nproc` had one rank
     return settings
 
 
@@ -331,6 +333,7 @@ def run_suite(
     seed: int = 0,
     threads: int | None = None,
     timeout: float = 1800.0,
+    nproc: int = 1,
     storage_options: dict | None = None,
     progress: Progress | None = None,
     tracker: SuiteTracker | None = None,
@@ -338,6 +341,9 @@ def run_suite(
 ) -> list[CaseOutcome]:
     """Run `cases` one after another, each in its own worker, into `run_dir` (claimed, or
     with `resume` an earlier run's: only cases without a result file run).
+
+    `nproc` > 1: the cases that declare `distributed` train with torch DDP on that many ranks
+    (torchrun), which share the thread budget; the others run as usual.
 
     Each result is on disk before `tracker` (mlflow) sees it: tracking can fail, results not.
     """
@@ -361,6 +367,7 @@ def run_suite(
             "epochs": epochs,
             "seed": seed,
             "threads": threads,
+            "nproc": nproc,
             "timeout_s": timeout,
             "started_at": results.now(),
             "finished_at": None,
@@ -413,6 +420,7 @@ def _run_one(
 ) -> CaseOutcome:
     path, cls = found
     epochs = manifest["epochs"]
+    nproc = manifest.get("nproc", 1) if cls.distributed else 1
     params = {"epochs": epochs} if epochs is not None and "epochs" in cls.parameters else {}
     spec = {
         "run_id": manifest["run_id"],
@@ -424,7 +432,8 @@ def _run_one(
         "cube": cube,  # the manifest's copy is scrubbed of credentials
         "device": manifest["device"],
         "seed": manifest["seed"],
-        "threads": manifest["threads"],
+        "threads": max(1, manifest["threads"] // nproc),  # per rank: they share the budget
+        "nproc": nproc,
         "environment": environment,
         "tensorboard_dir": str(run_dir / "tb" / name),
         "result_path": str(run_dir / f"{name}.json"),

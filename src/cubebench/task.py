@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from cubebench.cluster import dask_client
 from cubebench.cube.fingerprint import cube_fingerprint
 from cubebench.cube.integrity import raise_unreadable_chunk
 from cubebench.cube.schema import require_variable
@@ -612,8 +613,7 @@ def _block_slices(edges: Sequence[np.ndarray], block: Sequence[int]) -> tuple[sl
 def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None) -> PreparedTask:
     """Bind `spec` to `cube`: split blocks, count samples, compute train-only statistics.
 
-    `scheduler` is None (dask's default threads), `"local"` (a LocalCluster of processes) or a
-    `distributed` scheduler address.
+    `scheduler`: see `cubebench.cluster` (None: dask's threads; `local[:N]`; an address).
     """
     spec.validate()
     names = (*spec.inputs, spec.target)
@@ -778,15 +778,7 @@ def _fingerprint(ds: xr.Dataset, names: Sequence[str]) -> str:
 
 
 def _compute(tasks: list, scheduler: str | None) -> list[Moments]:
-    if scheduler is None:
-        return list(dask.compute(*tasks))
-    from distributed import Client, LocalCluster
-
-    if scheduler == "local":
-        with (
-            LocalCluster(processes=True, threads_per_worker=1) as cluster,
-            Client(cluster) as client,
-        ):
-            return list(client.compute(tasks, sync=True))
-    with Client(scheduler) as client:
+    with dask_client(scheduler) as client:
+        if client is None:
+            return list(dask.compute(*tasks))
         return list(client.compute(tasks, sync=True))

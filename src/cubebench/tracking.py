@@ -118,6 +118,7 @@ def case_params(result: dict) -> dict[str, str]:
         "cube_fingerprint": cube["fingerprint"],
         "chunk_shape": cube["chunk_shape"],
         "threads": result["threads"],
+        "world_size": result.get("world_size", 1),
         "seed": result["seed"],
     }
     return {k: str(v) for k, v in scrub_tree(params).items() if v is not None}
@@ -186,7 +187,7 @@ def suite_tags(manifest: dict, environment: dict) -> dict[str, str]:
 
 
 def suite_params(manifest: dict) -> dict[str, str]:
-    keys = ("cube", "cases", "device", "epochs", "seed", "threads", "timeout_s")
+    keys = ("cube", "cases", "device", "epochs", "seed", "threads", "nproc", "timeout_s")
     values = scrub_tree({k: manifest.get(k) for k in keys})
     return {k: ",".join(v) if isinstance(v, list) else str(v) for k, v in values.items()}
 

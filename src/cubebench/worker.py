@@ -9,6 +9,7 @@ raises; stdout carries one JSON progress event per line for the runner's progres
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cubebench import results
+from cubebench import ranks, results
 from cubebench.case import Case, Context
 from cubebench.metrics import RegressionMetrics
 from cubebench.redact import scrub
@@ -51,7 +52,9 @@ def die_with_runner() -> None:
 
 
 def emit(event: str, **fields: Any) -> None:
-    print(json.dumps({"event": event, **fields}), flush=True)
+    """One progress event for the runner; under DDP rank 0 speaks for all ranks."""
+    if ranks.rank() == 0:
+        print(json.dumps({"event": event, **fields}), flush=True)
 
 
 def _cuda_present() -> bool:
@@ -99,6 +102,11 @@ def evaluate(case: Case, context: Context) -> tuple[dict, float, int]:
                 keep = mask[0].reshape(-1) > 0
                 y, y_hat = y[keep], y_hat[keep]
             metrics.update(y * std + mean, y_hat * std + mean)
+        # DDP: each rank evaluated its share; the ranks predicted in parallel
+        shares = ranks.gather((metrics, seconds, samples))
+        metrics = functools.reduce(RegressionMetrics.merge, (m for m, _, _ in shares))
+        seconds = max(s for _, s, _ in shares)
+        samples = sum(n for _, _, n in shares)
         by_predictor[name] = metrics.result(task.noise_floor)
         if i == 0:
             first_seconds, n = seconds, samples
@@ -146,11 +154,14 @@ def throughput_record(
 
 
 def loading_record(context: Context, fit: float) -> dict[str, Any]:
-    """What the case's training streams cost: stall, read amplification, bytes, decode time."""
-    loading = context.loading()
+    """What the case's training streams cost: stall, read amplification, bytes, decode time
+    (summed over DDP ranks; the stall fraction is the ranks' mean)."""
+    shares = ranks.gather(context.loading())
+    loading = sum(shares[1:], shares[0])
     used_streams = bool(context.train_streams)
+    stall = loading.stall_seconds / (fit * len(shares)) if fit else 0.0
     return {
-        "stall_fraction": min(1.0, context.stall_seconds / fit) if used_streams else None,
+        "stall_fraction": min(1.0, stall) if used_streams else None,
         "stall_method": (
             ("estimated" if context.stall_estimated else "measured") if used_streams else None
         ),
@@ -161,6 +172,10 @@ def loading_record(context: Context, fit: float) -> dict[str, Any]:
         "decode_s": round(loading.decode_seconds, 4),
         "time_to_first_batch_s": loading.time_to_first_batch_s,
     }
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _gpu_peak_mb(device: str) -> float | None:
@@ -196,6 +211,7 @@ def run(spec: dict) -> dict:
         "params": params,
         "seed": seed,
         "threads": threads,
+        "world_size": ranks.world_size(),
         "started_at": results.now(),
         "metrics": None,
         "timing": {"warmup_s": None, "fit_s": None, "predict_s": None, "total_s": None},
@@ -213,6 +229,7 @@ def run(spec: dict) -> dict:
     context: Context | None = None
     try:
         result["device"] = device = resolve_device(spec["device"], cls.devices)
+        ranks.start(device)
         emit("phase", phase="preparing the task")
         storage_options = json.loads(os.environ.get(STORAGE_OPTIONS_ENV) or "null")
         cube = open_cube(spec["cube"], storage_options)
@@ -229,7 +246,7 @@ def run(spec: dict) -> dict:
             device=device,
             seed=seed,
             threads=threads,
-            tensorboard_dir=spec.get("tensorboard_dir"),
+            tensorboard_dir=spec.get("tensorboard_dir") if ranks.rank() == 0 else None,
             on_epoch=on_epoch,
         )
         case = cls(context)
@@ -249,14 +266,17 @@ def run(spec: dict) -> dict:
         )
         result["throughput"].update(throughput_record(context, fit, n_eval, predict_seconds))
         result["loading"] = loading_record(context, fit)
+        peak_rss = sum(ranks.gather(_peak_rss_mb()))  # every rank's footprint
     except Exception as error:  # the case failed: say why in one line, keep the traceback
         sys.stderr.write(scrub(traceback.format_exc()))  # the log keeps the traceback
-        result["reason"] = scrub(f"{type(error).__name__}: {error}".splitlines()[0][:500])
+        where = f"rank {ranks.rank()}: " if ranks.world_size() > 1 else ""
+        result["reason"] = scrub(f"{where}{type(error).__name__}: {error}".splitlines()[0][:500])
+        peak_rss = _peak_rss_mb()
     finally:
         if context is not None:
             context.close()  # the event files are complete before the result says so
     result["memory"] = {
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss, 1),
         "gpu_peak_mb": _gpu_peak_mb(result["device"]),
     }
     result["timing"]["total_s"] = round(time.perf_counter() - started, 3)
@@ -264,14 +284,50 @@ def run(spec: dict) -> dict:
     return result
 
 
+def launch_ranks(spec_path: Path, nproc: int) -> int:
+    """Start `nproc` ranks of this worker through torchrun (`torch.distributed.run`), in this
+    process: the ranks die with it as it dies with the runner, and the runner's timeout and
+    kill reach them the same way."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    os.environ[RUNNER_PID_ENV] = str(os.getpid())  # each rank dies with this launcher
+    os.environ["PYTHONSAFEPATH"] = "1"  # as `python -P`: no import from the start directory
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # ranks talk over loopback only
+    args = get_args_parser().parse_args(
+        [
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "--module",
+            "cubebench.worker",
+            str(spec_path),
+        ]
+    )
+    try:
+        torchrun(args)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        print(f"rank {rank} exited with code {failure.exitcode}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     die_with_runner()
     spec = json.loads(Path(argv[0]).read_text())
+    nproc = int(spec.get("nproc", 1))
+    if nproc > 1 and "RANK" not in os.environ:
+        return launch_ranks(Path(argv[0]), nproc)
     result = run(spec)
-    results.validate(result)
-    results.write_json_atomic(Path(spec["result_path"]), result)
-    emit("done", status=result["status"], reason=result["reason"])
+    try:
+        if ranks.rank() == 0 or result["status"] == "failed":  # a failed rank says why
+            results.validate(result)
+            results.write_json_atomic(Path(spec["result_path"]), result)
+        emit("done", status=result["status"], reason=result["reason"])
+    finally:
+        ranks.stop()
     return 0 if result["status"] == "ok" else 1
 
 

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -49,6 +49,19 @@ class LoadStats:
     @property
     def stall_fraction(self) -> float:
         return self.stall_seconds / self.wall_seconds if self.wall_seconds else float("nan")
+
+    def __add__(self, other: LoadStats) -> LoadStats:
+        """Both costs together (several streams, or DDP ranks); the first's first batch."""
+        summed = {
+            f.name: getattr(self, f.name) + getattr(other, f.name)
+            for f in fields(self)
+            if f.name != "time_to_first_batch_s"
+        }
+        first = self.time_to_first_batch_s
+        return LoadStats(
+            **summed,
+            time_to_first_batch_s=(other.time_to_first_batch_s if first is None else first),
+        )
 
     def _repr_html_(self) -> str:
         """The counters and the derived ratios as a table (Jupyter)."""

@@ -13,6 +13,7 @@ the masked pixels of the epoch (not a mean of per-batch means), as Keras' `Maske
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cubebench import ranks
 from cubebench.case import Context
 from cubebench.loading import PatchStream, Stream
 from cubebench.models import EpochLoss
@@ -205,33 +207,56 @@ def train_epoch(
     epoch: int,
 ) -> tuple[float, int]:
     """One epoch over the stream through `context.timed_batches` (which measures the data
-    stall). Returns (mean training MSE, samples); on windows the MSE of the masked pixels
-    and the samples are windows."""
+    stall). Returns (mean training MSE, samples) over all ranks; on windows the MSE of the
+    masked pixels and the samples are windows.
+
+    Under DDP each rank walks its own share of the chunks, so ranks run different numbers of
+    steps: `Join` shadows the collectives of the ranks that finished first."""
     device = torch.device(context.device)
     model.train()
     total = torch.zeros((), dtype=torch.float64, device=device)
     weight = torch.zeros((), dtype=torch.float64, device=device)
     samples = 0
-    for x, y, *mask in context.timed_batches(stream, epoch):
-        xt = torch.from_numpy(x).to(device, non_blocking=True)
-        yt = torch.from_numpy(y).to(device, non_blocking=True)
-        if mask:
-            mt = torch.from_numpy(mask[0]).to(device, non_blocking=True)
-            pixels = mt.sum(dtype=torch.float64)
-            total += _step(model, adam, schedule, xt, yt, mt).double() * pixels
-            weight += pixels
-        else:
-            total += _step(model, adam, schedule, xt, yt).double() * len(y)
-        samples += len(y)
-    if isinstance(stream, PatchStream):
-        return float(total) / max(float(weight), 1.0), samples
-    return float(total) / max(samples, 1), samples
+    with _joined(model):
+        for x, y, *mask in context.timed_batches(stream, epoch):
+            xt = torch.from_numpy(x).to(device, non_blocking=True)
+            yt = torch.from_numpy(y).to(device, non_blocking=True)
+            if mask:
+                mt = torch.from_numpy(mask[0]).to(device, non_blocking=True)
+                pixels = mt.sum(dtype=torch.float64)
+                total += _step(model, adam, schedule, xt, yt, mt).double() * pixels
+                weight += pixels
+            else:
+                total += _step(model, adam, schedule, xt, yt).double() * len(y)
+            samples += len(y)
+    if not isinstance(stream, PatchStream):
+        weight = torch.tensor(float(samples), dtype=torch.float64)
+    total_sum, weight_sum, samples_sum = ranks.total(float(total), float(weight), samples)
+    return total_sum / max(weight_sum, 1.0), int(samples_sum)
+
+
+def _joined(model: nn.Module):
+    """`Join` around a DDP model's epoch (uneven shares of the chunks); nothing otherwise."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        from torch.distributed.algorithms.join import Join
+
+        return Join([model])
+    return contextlib.nullcontext()
+
+
+def distribute(model: nn.Module, device: str) -> nn.Module:
+    """The model wrapped in `DistributedDataParallel` inside a multi-rank run (gradients
+    averaged across ranks every step), else the model itself."""
+    if not ranks.is_distributed():
+        return model
+    ids = [torch.cuda.current_device()] if device == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: str | torch.device = "cpu") -> float:
     """Mean squared error over (X, y) numpy batches (normalised units); over the masked
-    pixels of (x, y, mask) window batches."""
+    pixels of (x, y, mask) window batches. Under DDP, over every rank's batches."""
     device = torch.device(device)
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -246,7 +271,8 @@ def evaluate(model: nn.Module, batches, device: str | torch.device = "cpu") -> f
         else:
             total += ((model(xt).squeeze(-1) - yt) ** 2).sum(dtype=torch.float64)
             n += len(y)
-    return float(total) / max(float(n), 1.0)
+    total_sum, n_sum = ranks.total(float(total), float(n))
+    return total_sum / max(n_sum, 1.0)
 
 
 def eval_batch(x: np.ndarray) -> int:
@@ -292,12 +318,18 @@ def fit_stream(
 ) -> None:
     """Train on a stream for `epochs` epochs (Adam, cosine decay over all of them), logging
     training and validation MSE per epoch. Pixels or windows: the steps follow the part's
-    samples (windows for a patch task)."""
-    decay = epochs * steps_per_epoch(context.task.samples[train.part], train.batch_size)
+    samples (windows for a patch task).
+
+    Under DDP (`cubebench run --nproc N`) the streams are this rank's share, each step's
+    gradients are averaged over the ranks (a global batch of N x batch_size, the learning rate
+    unscaled) and the logged losses and samples cover every rank."""
+    share = -(-context.task.samples[train.part] // context.world_size)
+    decay = epochs * steps_per_epoch(share, train.batch_size)
+    trained = distribute(model, context.device)
     adam, schedule = optimizer(model, lr, decay, alpha)
     for epoch in range(epochs):
         start = time.perf_counter()
-        loss, samples = train_epoch(model, adam, schedule, context, train, epoch)
+        loss, samples = train_epoch(trained, adam, schedule, context, train, epoch)
         seconds = time.perf_counter() - start
         val_loss = None if val is None else evaluate(model, val.batches(0), context.device)
         context.log_epoch(
