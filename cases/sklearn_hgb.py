@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cubebench.case import Case as Base
+from cubebench.models import log_boosting_curve
 
 RECORDS = 10
 
@@ -64,23 +65,7 @@ class Case(Base):
             self.model.fit(x, y, X_val=xv, y_val=yv)
         seconds = time.perf_counter() - start
         context.train_samples = len(y)
-        # scores are -loss, and the loss is half the squared error; index 0 = no tree yet
-        train = -2.0 * np.asarray(self.model.train_score_)
-        val = -2.0 * np.asarray(self.model.validation_score_)
-        n_iter = self.model.n_iter_
-        marks = sorted({max(1, round(k * n_iter / RECORDS)) for k in range(1, RECORDS + 1)})
-        done = 0
-        for epoch, it in enumerate(marks):
-            context.log_epoch(
-                epoch,
-                train[it],
-                val[it],
-                seconds=seconds * (it - done) / n_iter,
-                samples=0,
-                of=len(marks),
-                iterations=float(it),
-            )
-            done = it
+        log_boosting_curve(context, self.model, seconds, records=RECORDS)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         from threadpoolctl import threadpool_limits

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cubebench.case import Case as Base
+from cubebench.models import log_boosting_curve
 
 RECORDS = 10
 
@@ -160,24 +161,7 @@ class Case(Base):
             self.model.fit(x, y, X_val=xv, y_val=yv)
         seconds = time.perf_counter() - start
         context.train_samples = windows
-        # scores are -loss, and the loss is half the squared error; index 0 = no tree yet
-        train_loss = -2.0 * np.asarray(self.model.train_score_)
-        val_loss = -2.0 * np.asarray(self.model.validation_score_)
-        n_iter = self.model.n_iter_
-        marks = sorted({max(1, round(k * n_iter / RECORDS)) for k in range(1, RECORDS + 1)})
-        done = 0
-        for epoch, it in enumerate(marks):
-            context.log_epoch(
-                epoch,
-                train_loss[it],
-                val_loss[it],
-                seconds=seconds * (it - done) / n_iter,
-                samples=0,
-                of=len(marks),
-                iterations=float(it),
-                pixels=float(len(y)),
-            )
-            done = it
+        log_boosting_curve(context, self.model, seconds, records=RECORDS, pixels=float(len(y)))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """`[B, t, h, w]`: the model where LST is not visible, the visible LST elsewhere."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from cubebench.case import Context
 from cubebench.loading import PatchStream, open_stream
 from cubebench.task import PreparedTask
@@ -81,6 +83,32 @@ def log_grouped(
             **extra,
         )
     return first_epoch + len(groups)
+
+
+def log_boosting_curve(
+    context: Context, model: Any, seconds: float, *, records: int = 10, **extra: float
+) -> None:
+    """Log a fitted scikit-learn gradient-boosting model's training and validation MSE at
+    `records` evenly spaced iterations as epoch records (fit `seconds` shared out by trees),
+    so its loss curve sits beside the networks'. Each record carries `iterations`."""
+    # scores are -loss, and the loss is half the squared error; index 0 = no tree yet
+    train = -2.0 * np.asarray(model.train_score_)
+    val = -2.0 * np.asarray(model.validation_score_)
+    n_iter = model.n_iter_
+    marks = sorted({max(1, round(k * n_iter / records)) for k in range(1, records + 1)})
+    done = 0
+    for epoch, it in enumerate(marks):
+        context.log_epoch(
+            epoch,
+            train[it],
+            val[it],
+            seconds=seconds * (it - done) / n_iter,
+            samples=0,
+            of=len(marks),
+            iterations=float(it),
+            **extra,
+        )
+        done = it
 
 
 def hidden_widths(value, name: str = "hidden") -> tuple[int, ...]:
