@@ -243,3 +243,21 @@ def test_stream_over_s3_delivers_every_sample_once(s3, tiny_task):
     np.testing.assert_array_equal(np.sort(ys), np.sort(expected))
     assert stream.stats.chunks_decoded == len(local.chunks)
     assert stream.stats.bytes_read == local.stats.bytes_read > 0  # same compressed chunks
+
+
+def test_bench_loader_over_s3_counts_what_it_counts_locally(s3, remote_zarr, tiny_task):
+    """bench_loader on the S3 cube: the same samples, chunks and stored bytes as on the local
+    cube (only the time differs)."""
+    from cubebench.loading.bench import bench_loader
+
+    task = prepare_task(get_task("lst-from-t2m"), remote_zarr)  # chunks in memory: no reads
+    settings = {"part": "val", "batch_size": 1000, "threads": 2}
+    remote = bench_loader(task, storage_options=s3["options"], **settings)  # reads over S3
+    local = bench_loader(tiny_task, **settings)
+    assert remote["reader"] == remote["raw_reader"] == "zarr"
+    assert remote["cube"] == f"s3://{BUCKET}/tiny.zarr"
+    for key in ("pairs", "expected_pairs", "chunks_decoded", "bytes_read", "bytes_decoded"):
+        assert remote[key] == local[key], key
+    assert remote["pairs"] == tiny_task.samples["val"] > 0
+    assert remote["bytes_read"] > 0 and remote["read_amplification"] == 1.0
+    assert remote["pairs_per_s"] > 0

@@ -83,6 +83,7 @@ def _cmd_make_cube(args: argparse.Namespace) -> int:
         profile=args.profile,
         output=args.output,
         overwrite=args.force,
+        scheduler=args.dask_scheduler,
     )
     elapsed = time.perf_counter() - start
     stored = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
@@ -91,6 +92,30 @@ def _cmd_make_cube(args: argparse.Namespace) -> int:
         print(json.dumps(info))
     else:
         print(f"cube written to {path} ({info['stored_mb']} MB on disk, {elapsed:.1f} s)")
+    return 0
+
+
+def _cmd_rechunk(args: argparse.Namespace) -> int:
+    from cubebench.cube.rechunk import rechunk_cube
+
+    result = rechunk_cube(
+        args.src,
+        args.dst,
+        args.layout,
+        scheduler=args.dask_scheduler,
+        storage_options=_storage_options(args.storage_option),
+        force=args.force,
+    )
+    info = result.summary()
+    if args.json:
+        print(json.dumps(info))
+    else:
+        peak = info["peak_worker_rss_mb"]
+        memory = f", workers' peak RSS {peak:.0f} MB" if peak is not None else ""
+        print(
+            f"{info['dst']}: chunks {' x '.join(map(str, info['chunks']))} "
+            f"({info['seconds']:.1f} s{memory})"
+        )
     return 0
 
 
@@ -381,8 +406,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=list(PROFILES), default="esdc-2.1.1")
     p.add_argument("--output", type=Path, help="where to write (default: the cube cache)")
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    p.add_argument(
+        "--dask-scheduler",
+        metavar="ADDRESS|local[:N]",
+        help="compute and write the chunks on a dask.distributed cluster: a scheduler address "
+        "(its workers must see --output), or local[:N] for a LocalCluster of N worker processes",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_make_cube)
+
+    p = sub.add_parser("rechunk", help="copy a cube with another chunk layout (same stored values)")
+    p.add_argument("src", help="synthetic:<preset>[?..], a Zarr path or a remote Zarr URL")
+    p.add_argument("dst", type=Path, help="where to write the copy (a local Zarr directory)")
+    p.add_argument(
+        "--layout",
+        required=True,
+        metavar="map|ts|balanced|T,Y,X",
+        help="map: one time step per chunk; ts: long time series of small tiles; balanced: "
+        "a quarter of every axis; or an explicit chunk shape",
+    )
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec option for a remote SRC, e.g. anon=true or endpoint_url=http://127.0.0.1:9000",
+    )
+    p.add_argument(
+        "--dask-scheduler",
+        metavar="ADDRESS|local[:N]",
+        help="the dask.distributed cluster that moves the chunks: a scheduler address (its "
+        "workers must see SRC and DST) or local[:N] (default: local, one worker per core)",
+    )
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=_cmd_rechunk)
 
     p = sub.add_parser("prepare", help="prepare a task on a cube and print its summary")
     _add_cube_args(p)

@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import xarray as xr
 
+from cubebench.cluster import parse_local
 from cubebench.cube.schema import DIMS, PROFILES, canonicalize
 from cubebench.cube.synthetic import (
     GENERATOR_VERSION,
@@ -100,9 +101,16 @@ def make_cube(
     profile: str = "esdc-2.1.1",
     output: Path | None = None,
     overwrite: bool = False,
+    scheduler: str | None = None,
 ) -> Path:
-    """Write a synthetic cube (to `output`, or once into the cache) and return its path."""
+    """Write a synthetic cube (to `output`, or once into the cache) and return its path.
+
+    `scheduler` (see `cubebench.cluster`): where the chunks are computed and written; workers
+    of a remote scheduler must see the output path. The values do not depend on it.
+    """
     spec = SyntheticSpec(preset, layout, seed, zarr_format, profile)
+    if scheduler is not None:
+        parse_local(scheduler)  # a bad `local:N` fails before the land mask is computed
     if output is None:  # the shared cache: two suites starting at once generate it once
         path = cache_dir() / spec.cache_name
         if path.exists():  # written by rename: present means complete (the cache may be read-only)
@@ -110,13 +118,13 @@ def make_cube(
         with file_lock(path.parent / f".{path.name}.lock"):
             if not path.exists():
                 ds = build_dataset(preset=preset, seed=seed, layout=layout, profile=profile)
-                write_cube(ds, path, zarr_format)
+                write_cube(ds, path, zarr_format, scheduler=scheduler)
         return path
     path = Path(output)
     if path.exists() and not overwrite:
         raise CubeError(f"{path} exists; pass --force to overwrite it")
     ds = build_dataset(preset=preset, seed=seed, layout=layout, profile=profile)
-    return write_cube(ds, path, zarr_format)
+    return write_cube(ds, path, zarr_format, scheduler=scheduler)
 
 
 def _is_remote(spec: str) -> bool:

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from cubebench.cluster import dask_client, parse_local
 from cubebench.cube.schema import PROFILES, Profile
 from cubebench.errors import CubeError
 
@@ -260,6 +261,12 @@ class Generator:
         angle = season_angle(time.day_of_year.values, np.where(time.is_leap_year, 366, 365))
         object.__setattr__(self, "angle", angle)
 
+    def __reduce__(self):
+        # unpickled (in a dask worker) as this process's one generator of the same definition:
+        # the chunk tasks a worker receives, each unpickled on its own, then share the drawn
+        # fields and their basis caches instead of each holding copies
+        return (shared_generator, (self.preset, self.seed, self.profile))
+
     @property
     def variables(self) -> list[str]:
         return list(self.profile.variables)
@@ -327,6 +334,24 @@ class Generator:
         for name in self.profile.celsius:
             out[name] = out[name] - 273.15
         return np.stack([out[v] for v in self.variables]).astype(np.float32)
+
+
+_SHARED_GENERATORS: dict[tuple, Generator] = {}
+_SHARED_LOCK = threading.Lock()
+SHARED_GENERATORS_KEPT = 2  # per process; each holds up to 4 x BASIS_CACHE_BYTES of bases
+
+
+def shared_generator(preset: Preset, seed: int, profile: Profile) -> Generator:
+    """This process's generator for (preset, seed, profile), made once (first in, first out)."""
+    key = (preset, seed, repr(profile))
+    with _SHARED_LOCK:
+        gen = _SHARED_GENERATORS.get(key)
+        if gen is None:
+            gen = Generator(preset, seed, profile)
+            while len(_SHARED_GENERATORS) >= SHARED_GENERATORS_KEPT:
+                _SHARED_GENERATORS.pop(next(iter(_SHARED_GENERATORS)))
+            _SHARED_GENERATORS[key] = gen
+    return gen
 
 
 # --- land mask -----------------------------------------------------------------------------
@@ -457,10 +482,19 @@ def build_dataset(
     return xr.Dataset(data_vars, coords, attrs)
 
 
-def write_cube(ds: xr.Dataset, path: Path, zarr_format: int = 3) -> Path:
-    """Write `ds` to `path` atomically: a temporary sibling, renamed when complete."""
+def write_cube(
+    ds: xr.Dataset, path: Path, zarr_format: int = 3, scheduler: str | None = None
+) -> Path:
+    """Write `ds` to `path` atomically: a temporary sibling, renamed when complete.
+
+    `scheduler` (see `cubebench.cluster`): None computes the chunks in this process's threads;
+    `local[:N]` or a scheduler address computes and writes them in the cluster's workers,
+    which must see `path` (the same bytes either way).
+    """
     if zarr_format not in (2, 3):
         raise CubeError(f"zarr format must be 2 or 3, got {zarr_format}")
+    if scheduler is not None:
+        parse_local(scheduler)  # a bad `local:N` fails before anything is written
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -472,13 +506,16 @@ def write_cube(ds: xr.Dataset, path: Path, zarr_format: int = 3) -> Path:
         chunks = tuple(c[0] for c in first.chunks)
         encoding = {name: _encoding(chunks, zarr_format) for name in ds.data_vars}
         # consolidated metadata is standard in Zarr v2 only; v3 keeps one zarr.json per node
-        ds.to_zarr(
-            tmp,
-            mode="w",
-            zarr_format=zarr_format,
-            encoding=encoding,
-            consolidated=zarr_format == 2,
-        )
+        # an active client: to_zarr computes on its workers (the generator's temporaries are
+        # large and short-lived: glibc's malloc defaults suit them, see dask_client)
+        with dask_client(scheduler, malloc_trim=False):
+            ds.to_zarr(
+                tmp,
+                mode="w",
+                zarr_format=zarr_format,
+                encoding=encoding,
+                consolidated=zarr_format == 2,
+            )
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
