@@ -174,7 +174,7 @@ def sandbox(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     written = []
 
-    def write_cube(ds, path, zarr_format=3):  # the arguments got this far: valid
+    def write_cube(ds, path, zarr_format=3, scheduler=None):  # the arguments got this far
         written.append((path, zarr_format))
         return tmp_path / "not-written.zarr"
 
