@@ -8,25 +8,18 @@ import re
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 import xarray as xr
+from benchmarks.remote_vs_local import moto_server
 
 from cubebench.cube import cube_fingerprint, make_cube, open_cube
 from cubebench.errors import CubeError
 from cubebench.task import get_task, prepare_task
 
 BUCKET = "bucket"
-KEY = SECRET = "testing"
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": KEY,
-    "AWS_SECRET_ACCESS_KEY": SECRET,
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
+KEY = SECRET = "testing"  # moto_server's fake credentials
 
 
 def _free_port() -> int:
@@ -35,53 +28,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                response.read()
-            return
-        except urllib.error.HTTPError:
-            return  # an HTTP answer, even an error, means the server is up
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"moto server at {url} did not answer within {timeout} s")
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A moto S3 server process; yields its endpoint URL."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in CREDENTIALS.items():
-            mp.setenv(name, value)
-        no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
-        mp.setenv("NO_PROXY", no_proxy)
-        mp.setenv("no_proxy", no_proxy)
-        with log.open("w") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            try:
-                _wait_until_up(url, proc)
-            except RuntimeError as exc:
-                raise RuntimeError(f"{exc}\n{log.read_text()}") from None
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    """A moto S3 server process (the one benchmarks/remote_vs_local.py measures against), with
+    fake credentials in the environment; yields its endpoint URL."""
+    with moto_server(tmp_path_factory.mktemp("moto") / "server.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
