@@ -59,6 +59,10 @@ def _add_cube_args(p: argparse.ArgumentParser) -> None:
         help="synthetic:<preset>[?layout=..&seed=..&format=..&profile=..], a Zarr/NetCDF path "
         "or a remote URL (s3://, https://) (default: %(default)s)",
     )
+    _add_storage_option_arg(p)
+
+
+def _add_storage_option_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage-option",
         action="append",
@@ -425,13 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="map: one time step per chunk; ts: long time series of small tiles; balanced: "
         "a quarter of every axis; or an explicit chunk shape",
     )
-    p.add_argument(
-        "--storage-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="fsspec option for a remote SRC, e.g. anon=true or endpoint_url=http://127.0.0.1:9000",
-    )
+    _add_storage_option_arg(p)
     p.add_argument(
         "--dask-scheduler",
         metavar="ADDRESS|local[:N]",
