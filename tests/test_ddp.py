@@ -17,6 +17,7 @@ from fake_cases import mean_case
 
 RECORDER = textwrap.dedent('''
     import os
+    import signal
     import numpy as np
     from cubebench import ranks
     from cubebench.case import Case as Base
@@ -29,14 +30,22 @@ RECORDER = textwrap.dedent('''
         parameters = {"epochs": 2}
 
         def fit(self):
-            {fail}
             stream = self.context.stream("train")
             rank, world = self.context.rank, self.context.world_size
+            record = os.environ["RECORD_DIR"]
+            if rank == int(os.environ.get("FAIL_RANK", -1)):
+                raise ValueError(f"only rank {rank} breaks")
+            if "FAIL_RANK" in os.environ:  # a peer outlives torchrun's SIGTERM, so it fails
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # of the broken connection
             for epoch in range(2):
                 rows = [np.column_stack([x, y]) for x, y in stream.batches(epoch)]
                 rows = np.concatenate(rows) if rows else np.empty((0, 0))
-                np.save(f"{os.environ['RECORD_DIR']}/r{rank}of{world}e{epoch}.npy", rows)
-                (samples,) = ranks.total(len(rows))  # the case logs what all ranks saw
+                np.save(f"{record}/r{rank}of{world}e{epoch}.npy", rows)
+                try:
+                    (samples,) = ranks.total(len(rows))  # the case logs what all ranks saw
+                except Exception as error:
+                    open(f"{record}/r{rank}-broke", "w").write(repr(error))
+                    raise
                 self.context.log_epoch(epoch, 1.0, samples=int(samples), seconds=0.1, of=2)
 
         def predict(self, x):
@@ -44,10 +53,12 @@ RECORDER = textwrap.dedent('''
 ''')
 
 
-def _run(tmp_path, *args: str, fail: str = "pass") -> tuple[subprocess.CompletedProcess, dict]:
+def _run(
+    tmp_path, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess, dict]:
     cases = tmp_path / "cases"
     cases.mkdir()
-    (cases / "recorder.py").write_text(RECORDER.replace("{fail}", fail))
+    (cases / "recorder.py").write_text(RECORDER)
     (cases / "mean.py").write_text(mean_case())  # not distributed: one process, as usual
     record = tmp_path / "record"
     record.mkdir()
@@ -59,7 +70,7 @@ def _run(tmp_path, *args: str, fail: str = "pass") -> tuple[subprocess.Completed
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "RECORD_DIR": str(record)},
+        env={**os.environ, "RECORD_DIR": str(record), **(env or {})},
         timeout=600,
     )
     results = {
@@ -103,7 +114,8 @@ def test_two_ranks_cover_every_training_sample_once(tmp_path, tiny_task):
 
 
 def test_a_failing_rank_fails_the_case_with_its_reason(tmp_path):
-    fail = "if self.context.rank == 1: raise ValueError('only rank 1 breaks')"
+    """Rank 0 fails too, after rank 1 and because of it (a broken connection); the result
+    gives rank 1's reason, whichever rank finished last."""
     proc, results = _run(
         tmp_path,
         "--cases-dir",
@@ -112,13 +124,15 @@ def test_a_failing_rank_fails_the_case_with_its_reason(tmp_path):
         "recorder",
         "--nproc",
         "2",
-        fail=fail,
+        env={"FAIL_RANK": "1"},
     )
     assert proc.returncode != 0  # the suite says a case failed
     result = results["recorder"]
     assert result["status"] == "failed"
     assert result["reason"] == "rank 1: ValueError: only rank 1 breaks"
     assert result["world_size"] == 2
+    assert (tmp_path / "record" / "r0-broke").exists()  # the peer's failure came and lost
+    assert not list((tmp_path / "out" / "ddp" / "specs").glob(".ranks-*"))
 
 
 def test_torch_cases_train_with_ddp_and_their_loss_decreases(tmp_path, tiny_task):

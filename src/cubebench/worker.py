@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict
@@ -34,6 +35,7 @@ from cubebench.redact import scrub
 # storage options travel in the environment, never in a file: they may hold credentials
 STORAGE_OPTIONS_ENV = "CUBEBENCH_STORAGE_OPTIONS"
 RUNNER_PID_ENV = "CUBEBENCH_RUNNER_PID"
+RANK_RESULTS_ENV = "CUBEBENCH_RANK_RESULTS"  # where DDP ranks leave results for their launcher
 PR_SET_PDEATHSIG = 1
 
 
@@ -287,7 +289,8 @@ def run(spec: dict) -> dict:
 def launch_ranks(spec_path: Path, nproc: int) -> int:
     """Start `nproc` ranks of this worker through torchrun (`torch.distributed.run`), in this
     process: the ranks die with it as it dies with the runner, and the runner's timeout and
-    kill reach them the same way."""
+    kill reach them the same way. The ranks leave their results here, and this process writes
+    the case's one result: rank 0's, or, when ranks failed, the first failure's."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
@@ -304,13 +307,49 @@ def launch_ranks(spec_path: Path, nproc: int) -> int:
             str(spec_path),
         ]
     )
-    try:
-        torchrun(args)
-    except ChildFailedError as error:
-        rank, failure = error.get_first_failure()
-        print(f"rank {rank} exited with code {failure.exitcode}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    result_path = Path(json.loads(spec_path.read_text())["result_path"])
+    with tempfile.TemporaryDirectory(prefix=".ranks-", dir=spec_path.parent) as rank_dir:
+        os.environ[RANK_RESULTS_ENV] = rank_dir
+        try:
+            torchrun(args)
+            code = 0
+        except ChildFailedError as error:
+            rank, failure = error.get_first_failure()
+            how = _how_it_ended(failure.exitcode)
+            print(f"rank {rank} {how}", file=sys.stderr, flush=True)
+            code = 1
+        result = _case_result(Path(rank_dir), code)
+        if result is not None:  # else the runner reports the exit, as for any dead worker
+            results.write_json_atomic(result_path, result)
+    return code
+
+
+def _how_it_ended(exitcode: int) -> str:
+    if exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-exitcode).name}"
+    return f"exited with code {exitcode}"
+
+
+def _case_result(rank_dir: Path, code: int) -> dict | None:
+    """The first failure any rank wrote, else rank 0's result when every rank succeeded.
+
+    The first, not the last: when one rank raises, its peers fail after it with a broken
+    connection ("Connection closed by peer"), which says nothing of the cause."""
+    written = [json.loads(p.read_text()) for p in sorted(rank_dir.glob("*.json"))]
+    failed = [w for w in written if w["result"]["status"] == "failed"]
+    if failed:
+        return min(failed, key=lambda w: w["written_ns"])["result"]
+    ok = [w["result"] for w in written if w["rank"] == 0]
+    return ok[0] if ok and code == 0 else None
+
+
+def _write_rank_result(result: dict) -> None:
+    """Leave this rank's result for the launcher, stamped before this rank's connections
+    close, so a failure is stamped before the failures it causes in its peers."""
+    rank = ranks.rank()
+    stamped = {"rank": rank, "written_ns": time.monotonic_ns(), "result": result}
+    results.write_json_atomic(Path(os.environ[RANK_RESULTS_ENV]) / f"{rank}.json", stamped)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,9 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         return launch_ranks(Path(argv[0]), nproc)
     result = run(spec)
     try:
-        if ranks.rank() == 0 or result["status"] == "failed":  # a failed rank says why
-            results.validate(result)
+        results.validate(result)
+        if ranks.world_size() == 1:
             results.write_json_atomic(Path(spec["result_path"]), result)
+        elif ranks.rank() == 0 or result["status"] == "failed":  # a failed rank says why
+            _write_rank_result(result)
         emit("done", status=result["status"], reason=result["reason"])
     finally:
         ranks.stop()
