@@ -72,6 +72,15 @@ def _add_storage_option_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_dask_scheduler_arg(p: argparse.ArgumentParser, what: str, default: str = "") -> None:
+    p.add_argument(
+        "--dask-scheduler",
+        metavar="ADDRESS|local[:N]",
+        help=f"{what} on a dask.distributed cluster: a scheduler address (its workers must see "
+        f"the same paths), or local[:N] for a LocalCluster of N worker processes{default}",
+    )
+
+
 def _cmd_make_cube(args: argparse.Namespace) -> int:
     from cubebench.cube import make_cube
     from cubebench.cube.synthetic import PRESETS, layout_chunks
@@ -410,12 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=list(PROFILES), default="esdc-2.1.1")
     p.add_argument("--output", type=Path, help="where to write (default: the cube cache)")
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
-    p.add_argument(
-        "--dask-scheduler",
-        metavar="ADDRESS|local[:N]",
-        help="compute and write the chunks on a dask.distributed cluster: a scheduler address "
-        "(its workers must see --output), or local[:N] for a LocalCluster of N worker processes",
-    )
+    _add_dask_scheduler_arg(p, "compute and write the chunks")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_make_cube)
 
@@ -430,12 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a quarter of every axis; or an explicit chunk shape",
     )
     _add_storage_option_arg(p)
-    p.add_argument(
-        "--dask-scheduler",
-        metavar="ADDRESS|local[:N]",
-        help="the dask.distributed cluster that moves the chunks: a scheduler address (its "
-        "workers must see SRC and DST) or local[:N] (default: local, one worker per core)",
-    )
+    _add_dask_scheduler_arg(p, "move the chunks", " (default: local, one per core)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_rechunk)
@@ -447,12 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", metavar="LAT0,LAT1[,LON0,LON1]", help="restrict to a box")
     p.add_argument("--time", metavar="START,END", help="restrict to a date range")
     p.add_argument("--fractions", metavar="TRAIN,VAL,TEST", help="split fractions")
-    p.add_argument(
-        "--dask-scheduler",
-        metavar="ADDRESS|local[:N]",
-        help="compute the split and statistics on a dask.distributed cluster: a scheduler "
-        "address, or local[:N] for a LocalCluster of N worker processes",
-    )
+    _add_dask_scheduler_arg(p, "compute the split and statistics")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_prepare)
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cubebench.loading.readers import ChunkReader, open_reader
-from cubebench.loading.stream import LoadStats, concatenate, cut_batches, read_chunk
+from cubebench.loading.readers import ChunkReader
+from cubebench.loading.stream import StreamBase, concatenate, cut_batches, read_chunk
 from cubebench.task import PreparedTask
 from cubebench.windows import hidden_mask
 
@@ -46,14 +46,16 @@ class Unit:
     needs: tuple[ChunkIndex, ...]
 
 
-class PatchStream:
+class PatchStream(StreamBase):
     """Batches `(x[B, C, h, w], y[B, t, h, w], mask[B, t, h, w])` of a part's windows.
 
     `x` holds, per time step of the window, the normalised inputs, the visible target
     (`visible_lst`: hidden, missing and unselected pixels are 0) and its mask (`visible`),
     then the normalised coordinate features; NaN inputs are 0. `y` is the normalised target
     (0 where unknown) and `mask` is 1 on the pixels to predict (hidden and valid). Same
-    constructor as `ChunkStream`; `buffer_chunks` counts units.
+    constructor as `ChunkStream`; `buffer_chunks` counts units. A shard takes whole strips
+    when there are enough of them (no chunk is decoded by two shards), else a contiguous
+    stretch of units.
     """
 
     def __init__(
@@ -73,30 +75,24 @@ class PatchStream:
         patch = task.spec.patch
         if patch is None or task.windows is None:
             raise ValueError(f"task {task.spec.name!r} samples pixels: use a ChunkStream")
-        if part not in task.windows.origins:
-            raise ValueError(f"unknown part {part!r}; parts: {list(task.windows.origins)}")
-        if batch_size < 1 or buffer_chunks < 1 or threads < 1:
-            raise ValueError("batch_size, buffer_chunks and threads must be positive")
-        self.task, self.part, self.patch = task, part, patch
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.buffer_chunks, self.threads = buffer_chunks, threads
-        self.seed = task.spec.seed if seed is None else seed
-        self.reader = (
-            reader
-            if reader is not None and not isinstance(reader, str)
-            else open_reader(task.cube, reader, storage_options)
+        super().__init__(
+            task,
+            part,
+            task.windows.origins,
+            batch_size,
+            shuffle=shuffle,
+            buffer_chunks=buffer_chunks,
+            threads=threads,
+            drop_last=drop_last,
+            seed=seed,
+            reader=reader,
+            storage_options=storage_options,
         )
-        spec = task.spec
-        self.variables = (*spec.inputs, spec.target)
-        target = task.cube[spec.target]
-        self.chunk_edges = [np.concatenate([[0], np.cumsum(c)]) for c in target.chunks]
-        self.itemsize = target.dtype.itemsize
+        self.patch = patch
         self.window = tuple(patch.size)
         self.origins = task.windows.origins[part]
         self.units, self.strips = self._plan()
         self.chunks = sorted({c for u in self.units for c in u.needs})
-        self.shard_index, self.shard_count = 0, 1
-        self.stats = LoadStats()
         self._constants()
 
     # --- which chunks, in which order ------------------------------------------------------
@@ -125,19 +121,6 @@ class PatchStream:
             strip = tuple(c for a, c in enumerate(unit.chunk) if a not in crossed)
             strips.setdefault(strip, []).append(k)
         return units, list(strips.values())
-
-    def chunk_slices(self, chunk: ChunkIndex) -> tuple[slice, slice, slice]:
-        return tuple(  # type: ignore[return-value]
-            slice(int(e[i]), int(e[i + 1])) for e, i in zip(self.chunk_edges, chunk)
-        )
-
-    def shard(self, index: int, count: int) -> PatchStream:
-        """Restrict to shard `index` of `count`: whole strips when there are enough of them
-        (no chunk is decoded by two shards), else a contiguous stretch of units."""
-        if not 0 <= index < count:
-            raise ValueError(f"shard {index} of {count}")
-        self.shard_index, self.shard_count = index, count
-        return self
 
     def epoch_units(self, epoch: int) -> list[Unit]:
         """This shard's units in this epoch's order.

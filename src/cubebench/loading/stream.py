@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
+from typing import Self
 
 import numpy as np
 
@@ -83,7 +84,62 @@ class Decoded:
     seconds: float
 
 
-class ChunkStream:
+class StreamBase:
+    """What both streams share: the options, the reader, the target's chunk grid, the shard.
+
+    `parts` are the part names the stream can serve; the subclass builds its own plan."""
+
+    def __init__(
+        self,
+        task: PreparedTask,
+        part: str,
+        parts: Iterable[str],
+        batch_size: int,
+        *,
+        shuffle: bool,
+        buffer_chunks: int,
+        threads: int,
+        drop_last: bool,
+        seed: int | None,
+        reader: str | ChunkReader | None,
+        storage_options: dict | None,
+    ):
+        if part not in parts:
+            raise ValueError(f"unknown part {part!r}; parts: {list(parts)}")
+        if batch_size < 1 or buffer_chunks < 1 or threads < 1:
+            raise ValueError("batch_size, buffer_chunks and threads must be positive")
+        self.task, self.part, self.batch_size = task, part, batch_size
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.buffer_chunks, self.threads = buffer_chunks, threads
+        self.seed = task.spec.seed if seed is None else seed
+        self.reader = (
+            reader
+            if reader is not None and not isinstance(reader, str)
+            else open_reader(task.cube, reader, storage_options)
+        )
+        self.shard_index, self.shard_count = 0, 1
+        spec = task.spec
+        self.variables = (*spec.inputs, spec.target)
+        target = task.cube[spec.target]
+        self.chunk_edges = [np.concatenate([[0], np.cumsum(c)]) for c in target.chunks]
+        self.itemsize = target.dtype.itemsize
+        self.stats = LoadStats()
+
+    def chunk_slices(self, chunk: ChunkIndex) -> tuple[slice, slice, slice]:
+        return tuple(  # type: ignore[return-value]
+            slice(int(e[i]), int(e[i + 1])) for e, i in zip(self.chunk_edges, chunk)
+        )
+
+    def shard(self, index: int, count: int) -> Self:
+        """Restrict to shard `index` of `count` (set in each DataLoader worker / DDP rank);
+        how a shard is cut is the subclass's epoch order."""
+        if not 0 <= index < count:
+            raise ValueError(f"shard {index} of {count}")
+        self.shard_index, self.shard_count = index, count
+        return self
+
+
+class ChunkStream(StreamBase):
     """Batches `(X[B, F], y[B])` of one part, every valid sample exactly once per epoch.
 
     `shard(i, n)` restricts the stream to every n-th chunk of the epoch order: n consumers
@@ -104,31 +160,20 @@ class ChunkStream:
         reader: str | ChunkReader | None = None,
         storage_options: dict | None = None,
     ):
-        if part not in task.blocks:
-            raise ValueError(f"unknown part {part!r}; parts: {list(task.blocks)}")
-        if batch_size < 1 or buffer_chunks < 1 or threads < 1:
-            raise ValueError("batch_size, buffer_chunks and threads must be positive")
-        self.task = task
-        self.part = part
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.buffer_chunks = buffer_chunks
-        self.threads = threads
-        self.drop_last = drop_last
-        self.seed = task.spec.seed if seed is None else seed
-        self.reader = (
-            reader
-            if reader is not None and not isinstance(reader, str)
-            else open_reader(task.cube, reader, storage_options)
+        super().__init__(
+            task,
+            part,
+            task.blocks,
+            batch_size,
+            shuffle=shuffle,
+            buffer_chunks=buffer_chunks,
+            threads=threads,
+            drop_last=drop_last,
+            seed=seed,
+            reader=reader,
+            storage_options=storage_options,
         )
-        self.shard_index, self.shard_count = 0, 1
-        spec = task.spec
-        self.variables = (*spec.inputs, spec.target)
-        target = task.cube[spec.target]
-        self.chunk_edges = [np.concatenate([[0], np.cumsum(c)]) for c in target.chunks]
         self.chunks = self._part_chunks()
-        self.itemsize = target.dtype.itemsize
-        self.stats = LoadStats()
         self._prepare_constants()
         dtype = np.result_type(*(task.cube[v].dtype for v in self.variables))
         warm_up(len(self.variables), dtype, len(self.coord_axis))
@@ -154,23 +199,11 @@ class ChunkStream:
                     out.append(chunk)
         return sorted(out)
 
-    def chunk_slices(self, chunk: ChunkIndex) -> tuple[slice, slice, slice]:
-        return tuple(  # type: ignore[return-value]
-            slice(int(e[i]), int(e[i + 1])) for e, i in zip(self.chunk_edges, chunk)
-        )
-
     def _bytes(self, chunks: list[ChunkIndex]) -> int:
         per_var = sum(
             int(np.prod([w.stop - w.start for w in self.chunk_slices(c)])) for c in chunks
         )
         return per_var * self.itemsize * len(self.variables)
-
-    def shard(self, index: int, count: int) -> ChunkStream:
-        """Restrict to shard `index` of `count` (set in each worker / rank)."""
-        if not 0 <= index < count:
-            raise ValueError(f"shard {index} of {count}")
-        self.shard_index, self.shard_count = index, count
-        return self
 
     def epoch_chunks(self, epoch: int) -> list[ChunkIndex]:
         """This shard's chunks in this epoch's order (the same permutation for every shard)."""
