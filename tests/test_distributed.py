@@ -21,6 +21,7 @@ import xarray as xr
 from cubebench import cli, cluster
 from cubebench.errors import CubebenchError
 from cubebench.task import PARTS, get_task, prepare_task
+from run_cli import run_cubebench
 
 WORKERS = 2
 
@@ -96,16 +97,6 @@ def reference_cube(tiny) -> Path:
     return Path(tiny.attrs["cubebench_store"])
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cubebench", *args],
-        capture_output=True,
-        text=True,
-        env=os.environ,
-        timeout=120,
-    )
-
-
 def assert_bit_identical(got: Path, want: Path) -> None:
     """The same files with the same bytes (compressed chunks, metadata), and the same values,
     NaN payloads included, in every variable and coordinate."""
@@ -157,7 +148,7 @@ def test_make_cube_on_an_external_scheduler_is_bit_identical(
 def test_make_cube_cli_on_a_local_cluster_is_bit_identical(reference_cube, tmp_path):
     """A real `cubebench` process that starts a LocalCluster (spawned worker processes)."""
     out = tmp_path / "tiny.zarr"
-    proc = _cli(
+    proc = run_cubebench(
         "make-cube", "--preset", "tiny", "--output", str(out), "--dask-scheduler", "local:2"
     )
     assert proc.returncode == 0, proc.stderr

@@ -21,6 +21,7 @@ import pytest
 import xarray as xr
 
 import cubebench
+from run_cli import run_cubebench
 
 SHAPE = (8, 6, 12)  # time, lat, lon
 CHUNKS = (2, 6, 12)  # 4 blocks along time, every one with valid data
@@ -32,17 +33,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarnin
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def run_cli(*args: str, env: dict | None = None, prefix: list[str] | None = None, cwd=None):
-    return subprocess.run(
-        [*(prefix or []), sys.executable, "-m", "cubebench", *args],
-        capture_output=True,
-        text=True,
-        env=env if env is not None else os.environ,
-        cwd=cwd,
-        timeout=120,
-    )
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -104,7 +94,7 @@ def tiny_cached(cube_cache):
 
 def test_missing_path(tmp_path):
     missing = tmp_path / "no" / "such-cube.zarr"
-    assert_user_error(run_cli("prepare", "--cube", str(missing)), str(missing))
+    assert_user_error(run_cubebench("prepare", "--cube", str(missing)), str(missing))
 
 
 def _traversable_by_others(path: Path) -> bool:
@@ -136,11 +126,13 @@ def test_permission_denied(tmp_path):
             }
             prefix = SETPRIV
             # the control: the same user reads the cube while it is readable
-            ok = run_cli("prepare", "--cube", str(cube), "--json", env=env, prefix=prefix, cwd=base)
+            ok = run_cubebench(
+                "prepare", "--cube", str(cube), "--json", env=env, prefix=prefix, cwd=base
+            )
             assert ok.returncode == 0, f"uid {NOBODY} cannot prepare a readable cube:\n{ok.stderr}"
         cube.chmod(0o000)
         try:
-            proc = run_cli("prepare", "--cube", str(cube), env=env, prefix=prefix, cwd=base)
+            proc = run_cubebench("prepare", "--cube", str(cube), env=env, prefix=prefix, cwd=base)
         finally:
             cube.chmod(0o755)
         assert_user_error(proc, "permission")
@@ -152,26 +144,30 @@ def test_permission_denied(tmp_path):
 def test_empty_directory(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(run_cli("prepare", "--cube", str(empty)), str(empty), "not a zarr store")
+    assert_user_error(
+        run_cubebench("prepare", "--cube", str(empty)), str(empty), "not a zarr store"
+    )
 
 
 def test_directory_with_text_file(tmp_path):
     folder = tmp_path / "notes"
     folder.mkdir()
     (folder / "readme.txt").write_text("this is not a cube\n")
-    assert_user_error(run_cli("prepare", "--cube", str(folder)), str(folder), "not a zarr store")
+    assert_user_error(
+        run_cubebench("prepare", "--cube", str(folder)), str(folder), "not a zarr store"
+    )
 
 
 def test_text_file(tmp_path):
     text = tmp_path / "foo.txt"
     text.write_text("time,lat,lon,lst\n")
-    assert_user_error(run_cli("prepare", "--cube", str(text)), str(text), "not netcdf")
+    assert_user_error(run_cubebench("prepare", "--cube", str(text)), str(text), "not netcdf")
 
 
 def test_garbage_with_netcdf_suffix(tmp_path):
     fake = tmp_path / "fake.nc"
     fake.write_bytes(b"definitely not HDF5\n" * 10)
-    assert_user_error(run_cli("prepare", "--cube", str(fake)), str(fake))
+    assert_user_error(run_cubebench("prepare", "--cube", str(fake)), str(fake))
 
 
 # --- the cube's schema ----------------------------------------------------------------------
@@ -183,7 +179,9 @@ def test_variable_missing(tmp_path):
         coords=grid_coords(),
     )
     cube = write_zarr(ds, tmp_path / "t2m-only.zarr")
-    line = assert_user_error(run_cli("prepare", "--cube", str(cube)), "land_surface_temperature")
+    line = assert_user_error(
+        run_cubebench("prepare", "--cube", str(cube)), "land_surface_temperature"
+    )
     assert "available: air_temperature_2m" in line
 
 
@@ -198,7 +196,7 @@ def test_aliases_prepare(tmp_path):
         coords=grid_coords("latitude", "longitude"),
     )
     cube = write_zarr(ds, tmp_path / "short-names.zarr")
-    proc = run_cli("prepare", "--cube", str(cube), "--json")
+    proc = run_cubebench("prepare", "--cube", str(cube), "--json")
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     summary = json.loads(proc.stdout)
@@ -224,7 +222,9 @@ def test_wrong_dims(tmp_path, lst_dims):
     )
     cube = tmp_path / "wrong-dims.zarr"
     ds.to_zarr(cube, zarr_format=3)
-    line = assert_user_error(run_cli("prepare", "--cube", str(cube)), "land_surface_temperature")
+    line = assert_user_error(
+        run_cubebench("prepare", "--cube", str(cube)), "land_surface_temperature"
+    )
     assert "dims" in line
     assert str(lst_dims) in line
 
@@ -242,7 +242,9 @@ def test_integer_dtype(tmp_path):
     with xr.open_zarr(cube) as check:  # really stored, and opened, as an integer
         assert check["land_surface_temperature"].dtype == np.int16
         assert "scale_factor" not in check["land_surface_temperature"].encoding
-    line = assert_user_error(run_cli("prepare", "--cube", str(cube)), "land_surface_temperature")
+    line = assert_user_error(
+        run_cubebench("prepare", "--cube", str(cube)), "land_surface_temperature"
+    )
     assert "dtype int16" in line
 
 
@@ -286,7 +288,7 @@ def option_runs(request):
 
     def run(args: list[str]) -> subprocess.CompletedProcess:
         base = [] if "--cube" in args else ["--cube", "synthetic:tiny"]
-        return run_cli("prepare", *base, *args)
+        return run_cubebench("prepare", *base, *args)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         yield {case: pool.submit(run, OPTION_CASES[case][0]) for case in selected}
@@ -319,7 +321,7 @@ def test_make_cube_refuses_existing_output(tmp_path):
     out.mkdir()
     marker = out / "keep-me.txt"
     marker.write_text("precious")
-    proc = run_cli("make-cube", "--preset", "tiny", "--output", str(out))
+    proc = run_cubebench("make-cube", "--preset", "tiny", "--output", str(out))
     assert_user_error(proc, str(out), "--force")
     assert marker.read_text() == "precious"
     assert sorted(p.name for p in out.iterdir()) == ["keep-me.txt"]
@@ -329,7 +331,9 @@ def test_make_cube_output_below_a_file(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     out = blocker / "cube.zarr"
-    assert_user_error(run_cli("make-cube", "--preset", "tiny", "--output", str(out)), str(blocker))
+    assert_user_error(
+        run_cubebench("make-cube", "--preset", "tiny", "--output", str(out)), str(blocker)
+    )
     assert blocker.read_text() == "not a directory"
 
 
@@ -337,7 +341,7 @@ def test_make_cube_force_over_a_file(tmp_path):
     """--force over a plain file: either a cube replaces it (exit 0) or a one-line refusal."""
     out = tmp_path / "cube.zarr"
     out.write_text("a file, not a store")
-    proc = run_cli("make-cube", "--preset", "tiny", "--output", str(out), "--force")
+    proc = run_cubebench("make-cube", "--preset", "tiny", "--output", str(out), "--force")
     if proc.returncode == 0:
         assert (out / "zarr.json").is_file(), proc.stdout
     else:
@@ -349,10 +353,12 @@ def test_run_stops_before_any_case_when_a_split_part_would_be_empty(tmp_path, ti
     """One chunk holds the whole cube: no train/val/test split. `run` says so once, before
     any case starts, and leaves no run behind."""
     cube = tmp_path / "one-chunk.zarr"
-    made = run_cli("make-cube", "--preset", "tiny", "--chunks", "46,45,90", "--output", str(cube))
+    made = run_cubebench(
+        "make-cube", "--preset", "tiny", "--chunks", "46,45,90", "--output", str(cube)
+    )
     assert made.returncode == 0, made.stderr
     out = tmp_path / "results"
-    proc = run_cli("run", "--cube", str(cube), "--out", str(out), "--no-tracking")
+    proc = run_cubebench("run", "--cube", str(cube), "--out", str(out), "--no-tracking")
     assert_user_error(proc, "task lst-from-t2m", "too few")
     assert not out.exists() or not any(out.iterdir())
 
@@ -372,4 +378,4 @@ def test_unreadable_metadata(tmp_path, damage):
         root = json.loads(consolidated.read_text())
         root.pop("consolidated_metadata", None)
         consolidated.write_text(json.dumps(root))
-    assert_user_error(run_cli("prepare", "--cube", str(cube)), str(cube))
+    assert_user_error(run_cubebench("prepare", "--cube", str(cube)), str(cube))

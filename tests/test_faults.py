@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,14 +20,7 @@ import pytest
 
 from cubebench import results
 from fake_cases import mean_case
-
-CLI = (sys.executable, "-m", "cubebench")
-
-
-def _cli(*args: str, env: dict | None = None, timeout: float = 600):
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, env=env or os.environ, timeout=timeout
-    )
+from run_cli import CLI, run_cubebench
 
 
 def _start(*args: str, env: dict | None = None) -> subprocess.Popen:
@@ -128,7 +120,9 @@ def test_a_stopped_suite_keeps_its_results_and_resume_runs_only_the_rest(held_su
         worker = int(files["pids"].read_text())
         first_bytes = (run_dir / "first.json").read_bytes()
         # while it runs, the run is locked: a resume is refused and changes nothing
-        busy = _cli("run", "--resume", "stopped", "--out", str(out), "--cases-dir", args[3])
+        busy = run_cubebench(
+            "run", "--resume", "stopped", "--out", str(out), "--cases-dir", args[3]
+        )
         assert_one_line_error(busy, "still running")
         suite.send_signal(getattr(signal, stop))
         _, stderr = suite.communicate(timeout=60)
@@ -148,7 +142,7 @@ def test_a_stopped_suite_keeps_its_results_and_resume_runs_only_the_rest(held_su
     assert _fits(files) == ["first", "held"]
 
     files["hold"].unlink()
-    resumed = _cli(
+    resumed = run_cubebench(
         "run", "--resume", "stopped", "--out", str(out), "--cases-dir", args[3], "--no-tracking"
     )
     assert resumed.returncode == 0, resumed.stderr
@@ -182,7 +176,7 @@ def test_resume_with_tracking_pushes_every_case_once(held_suite):
         suite.kill()
     assert suite.returncode == 130
     files["hold"].unlink()
-    resumed = _cli("run", "--resume", "tracked", "--out", str(out), "--cases-dir", args[3])
+    resumed = run_cubebench("run", "--resume", "tracked", "--out", str(out), "--cases-dir", args[3])
     assert resumed.returncode == 0, resumed.stderr
     assert "mlflow:" in resumed.stdout
     client = MlflowClient(store_uri(out))
@@ -198,10 +192,12 @@ def test_resume_with_tracking_pushes_every_case_once(held_suite):
 
 def test_resume_refuses_what_it_cannot_do(held_suite, tmp_path):
     args, out, _ = held_suite
-    missing = _cli("run", "--resume", "nope", "--out", str(out), "--cases-dir", args[3])
+    missing = run_cubebench("run", "--resume", "nope", "--out", str(out), "--cases-dir", args[3])
     assert_one_line_error(missing, "no run 'nope'")
     (out / "half").mkdir(parents=True)
-    overridden = _cli("run", "--resume", "half", "--cube", "synthetic:tiny", "--out", str(out))
+    overridden = run_cubebench(
+        "run", "--resume", "half", "--cube", "synthetic:tiny", "--out", str(out)
+    )
     assert_one_line_error(overridden, "--cube")
 
 
@@ -226,7 +222,7 @@ def test_a_corrupted_chunk_fails_the_cases_that_read_it_and_no_other(corrupted_c
     (cases / "a_global.py").write_text(mean_case("global"))
     (cases / "b_transfer.py").write_text(mean_case("transfer", task="lst-from-t2m-transfer"))
     out = tmp_path / "results"
-    proc = _cli(
+    proc = run_cubebench(
         "run",
         "--cube",
         str(corrupted_cube),
@@ -374,7 +370,7 @@ def test_a_full_disk_is_one_line_and_loses_nothing(small_disk, tmp_path):
     (cases / "b_filler.py").write_text(mean_case("filler", f"exec({fill!r})"))
     (cases / "c_last.py").write_text(mean_case("last"))
     args = ["--cube", "synthetic:tiny", "--cases-dir", str(cases), "--out", str(small_disk)]
-    proc = _cli("run", *args, "--run-id", "full", "--no-tracking", "--threads", "1")
+    proc = run_cubebench("run", *args, "--run-id", "full", "--no-tracking", "--threads", "1")
     assert_one_line_error(proc, "No space left on device", "--resume full")
     run_dir = small_disk / "full"
     first = results.load_result(run_dir / "first.json")  # intact and valid
@@ -384,7 +380,7 @@ def test_a_full_disk_is_one_line_and_loses_nothing(small_disk, tmp_path):
 
     (small_disk / "filler").unlink()
     flag.unlink()
-    resumed = _cli(
+    resumed = run_cubebench(
         "run",
         "--resume",
         "full",

@@ -21,6 +21,7 @@ from cubebench.cube import make_cube, open_cube
 from cubebench.cube.rechunk import rechunk_cube
 from cubebench.errors import ChunkReadError, CubeError
 from cubebench.task import get_task, prepare_task
+from run_cli import run_cubebench
 
 TINY = (46, 45, 90)
 CUBE_VARS = ("air_temperature_2m", "land_surface_temperature", "root_moisture")
@@ -41,16 +42,6 @@ def scheduler():
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1"
     ) as cluster:
         yield cluster.scheduler_address
-
-
-def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cubebench", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        **kwargs,
-    )
 
 
 def metadata_without_chunks(array: zarr.Array) -> dict:
@@ -176,7 +167,7 @@ def test_cli_writes_one_json_line_and_refuses_to_overwrite(tmp_path, scheduler, 
 
     dst = tmp_path / "out.zarr"
     args = ("rechunk", "synthetic:tiny?layout=ts", str(dst), "--dask-scheduler", scheduler)
-    proc = run_cli(*args, "--layout", "map", "--json")
+    proc = run_cubebench(*args, "--layout", "map", "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["dst"] == str(dst) and info["chunks"] == [1, 45, 90] and info["seconds"] > 0

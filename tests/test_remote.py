@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +14,7 @@ from benchmarks.remote_vs_local import moto_server
 from cubebench.cube import cube_fingerprint, make_cube, open_cube
 from cubebench.errors import CubeError
 from cubebench.task import get_task, prepare_task
+from run_cli import run_cubebench
 
 BUCKET = "bucket"
 KEY = SECRET = "testing"  # moto_server's fake credentials
@@ -99,16 +97,6 @@ def test_prepare_over_s3_equals_local(remote_zarr, tiny_task):
     assert task.fingerprint == tiny_task.fingerprint
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cubebench", *args],
-        capture_output=True,
-        text=True,
-        env=os.environ,
-        timeout=120,
-    )
-
-
 def _storage_args(s3) -> list[str]:
     args = []
     for key, value in s3["options"].items():
@@ -117,7 +105,9 @@ def _storage_args(s3) -> list[str]:
 
 
 def test_cli_prepare_over_s3(s3, tiny_task):
-    proc = _cli("prepare", "--cube", f"s3://{BUCKET}/tiny.zarr", *_storage_args(s3), "--json")
+    proc = run_cubebench(
+        "prepare", "--cube", f"s3://{BUCKET}/tiny.zarr", *_storage_args(s3), "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     summary = json.loads(proc.stdout)
@@ -127,7 +117,7 @@ def test_cli_prepare_over_s3(s3, tiny_task):
 
 
 def test_cli_missing_remote_cube(s3):
-    proc = _cli("prepare", "--cube", f"s3://{BUCKET}/nope.zarr", *_storage_args(s3))
+    proc = run_cubebench("prepare", "--cube", f"s3://{BUCKET}/nope.zarr", *_storage_args(s3))
     where = f"\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "Traceback" not in proc.stdout + proc.stderr, where
     assert proc.returncode == 2, where

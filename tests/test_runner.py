@@ -4,9 +4,6 @@ a failed result with the reason, and the others still finish; metrics equal nump
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import pytest
 from cubebench import results
 from cubebench.metrics import RegressionMetrics
 from fake_cases import mean_case
+from run_cli import run_cubebench
 
 FAULTY_CASES = {
     "raises": "raise RuntimeError('boom in fit')",
@@ -43,16 +41,6 @@ def _faulty(name: str, body: str) -> str:
     ''')
 
 
-def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cubebench", *args],
-        capture_output=True,
-        text=True,
-        env=os.environ,
-        timeout=timeout,
-    )
-
-
 @pytest.fixture(scope="module")
 def faulty_run(tmp_path_factory):
     cases = tmp_path_factory.mktemp("cases")
@@ -60,7 +48,7 @@ def faulty_run(tmp_path_factory):
     for name, body in FAULTY_CASES.items():
         (cases / f"b_{name}.py").write_text(_faulty(name, body))
     out = tmp_path_factory.mktemp("results")
-    proc = _cli(
+    proc = run_cubebench(
         "run",
         "--cube",
         "synthetic:tiny",
@@ -156,10 +144,12 @@ def test_list_and_bad_selection(tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
     (cases / "mean.py").write_text(mean_case())
-    listed = _cli("list", "--cases-dir", str(cases), "--json")
+    listed = run_cubebench("list", "--cases-dir", str(cases), "--json")
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout)[0]["case"] == "mean"
-    proc = _cli("run", "--cube", "synthetic:tiny", "--cases-dir", str(cases), "--cases", "nope")
+    proc = run_cubebench(
+        "run", "--cube", "synthetic:tiny", "--cases-dir", str(cases), "--cases", "nope"
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "cubebench: error: unknown case(s) ['nope']; known: mean"
 
@@ -172,7 +162,7 @@ def test_a_run_id_is_never_reused(tmp_path):
     existing.mkdir(parents=True)
     (existing / "keep.json").write_text("{}")
     args = ["--cases-dir", str(cases), "--out", str(tmp_path / "out"), "--run-id", "taken"]
-    proc = _cli("run", "--cube", "synthetic:tiny", *args)
+    proc = run_cubebench("run", "--cube", "synthetic:tiny", *args)
     assert proc.returncode == 2 and "already exists" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert (existing / "keep.json").read_text() == "{}"  # nothing lost
@@ -188,7 +178,7 @@ def test_case_files_are_plain_python(tmp_path):
 
 def test_a_broken_case_file_is_one_line(tmp_path):
     (tmp_path / "broken.py").write_text("import numpy as np\nclass Case(:\n")
-    proc = _cli("list", "--cases-dir", str(tmp_path))
+    proc = run_cubebench("list", "--cases-dir", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.startswith("cubebench: error: case file ")
     assert "SyntaxError" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -27,6 +27,7 @@ from cubebench.redact import MASK, scrub, scrub_tree
 from cubebench.tensorboard import read_scalars
 from cubebench.tracking import case_metrics
 from fake_cases import mean_case
+from run_cli import CLI, run_cubebench
 
 SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-8d7c6b5a",
@@ -117,19 +118,6 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-CLI = (sys.executable, "-m", "cubebench")
-
-
-def _cubebench(*args: str, env: dict[str, str], timeout: float = 900):
-    return subprocess.run(
-        [*CLI, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
-
-
 def _suite_args(cases: Path, out: Path) -> list[str]:
     return ["--cube", "synthetic:tiny", "--cases-dir", str(cases), "--out", str(out)]
 
@@ -158,7 +146,7 @@ def _by_case(runs) -> dict[str, list]:
 def tracked_run(server, tmp_path_factory):
     """sklearn-sgd and torch-mlp on tiny into the server, with fake secrets in the env."""
     out = tmp_path_factory.mktemp("tracked")
-    proc = _cubebench(
+    proc = run_cubebench(
         "run",
         "--cube",
         "synthetic:tiny",
@@ -347,7 +335,7 @@ def test_server_killed_mid_suite_then_sync_pushes_every_case_once(tmp_path):
     assert "last" not in before
 
     sync_env = {**env, "MLFLOW_TRACKING_URI": server.uri}
-    first = _cubebench("sync", str(run_dir), env=sync_env)
+    first = run_cubebench("sync", str(run_dir), env=sync_env)
     assert first.returncode == 0, first.stderr
     assert "pushed 2 case(s) (gated, last), 1 already there" in first.stdout
     after = _by_case(_runs(client, "killed"))
@@ -362,7 +350,7 @@ def test_server_killed_mid_suite_then_sync_pushes_every_case_once(tmp_path):
     assert len(suites) == 1 and suites[0].data.tags["cubebench.complete"] == "true"
 
     every_run = len(_runs(client, "killed", ViewType.ALL))
-    second = _cubebench("sync", str(run_dir), env=sync_env)
+    second = run_cubebench("sync", str(run_dir), env=sync_env)
     assert second.returncode == 0, second.stderr
     assert "pushed 0 case(s), 3 already there" in second.stdout
     assert len(_runs(client, "killed", ViewType.ALL)) == every_run  # no duplicates
@@ -376,11 +364,11 @@ def test_unreachable_server_at_start_then_sync(server, tmp_path):
     out = tmp_path / "results"
     dead = f"http://127.0.0.1:{_free_port()}"
     args = ["run", *_suite_args(cases, out), "--run-id", "offline"]
-    proc = _cubebench(*args, env=_env(MLFLOW_TRACKING_URI=dead))
+    proc = run_cubebench(*args, env=_env(MLFLOW_TRACKING_URI=dead))
     assert proc.returncode == 0, proc.stderr
     assert "1 of 1 cases are only on disk" in proc.stderr
     assert (out / "offline" / "first.json").exists()
-    synced = _cubebench("sync", str(out / "offline"), env=_env(MLFLOW_TRACKING_URI=server.uri))
+    synced = run_cubebench("sync", str(out / "offline"), env=_env(MLFLOW_TRACKING_URI=server.uri))
     assert synced.returncode == 0, synced.stderr
     assert list(_by_case(_runs(server.client(), "offline"))) == ["first"]
 
@@ -405,16 +393,16 @@ def test_default_store_is_sqlite_in_the_results_dir(tmp_path):
     assert run.info.artifact_uri.startswith((out / "mlartifacts").as_uri())
     assert "first.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     # a second sync of a run already tracked adds nothing
-    again = _cubebench("sync", str(out / "local"), env=_env())
+    again = run_cubebench("sync", str(out / "local"), env=_env())
     assert "pushed 0 case(s), 1 already there" in again.stdout
 
 
 def test_sync_errors_are_one_line(tmp_path, tracked_run):
     from test_errors import assert_user_error
 
-    missing = _cubebench("sync", str(tmp_path / "nope"), env=_env())
+    missing = run_cubebench("sync", str(tmp_path / "nope"), env=_env())
     assert_user_error(missing, "no results directory")
     _, run_dir = tracked_run
     dead = _env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_free_port()}")
-    unreachable = _cubebench("sync", str(run_dir), env=dead)
+    unreachable = run_cubebench("sync", str(run_dir), env=dead)
     assert_user_error(unreachable, "mlflow at http://127.0.0.1:")
