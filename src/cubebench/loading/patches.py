@@ -22,13 +22,12 @@ import itertools
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from cubebench.loading.readers import ChunkReader
 from cubebench.loading.stream import StreamBase, concatenate, cut_batches, read_chunk
 from cubebench.task import PreparedTask
 from cubebench.windows import hidden_mask
@@ -58,46 +57,25 @@ class PatchStream(StreamBase):
     stretch of units.
     """
 
-    def __init__(
-        self,
-        task: PreparedTask,
-        part: str = "train",
-        batch_size: int = 32,
-        *,
-        shuffle: bool = True,
-        buffer_chunks: int = 8,
-        threads: int = 2,
-        drop_last: bool = False,
-        seed: int | None = None,
-        reader: str | ChunkReader | None = None,
-        storage_options: dict | None = None,
-    ):
-        patch = task.spec.patch
-        if patch is None or task.windows is None:
+    default_batch_size = 32
+
+    @staticmethod
+    def parts(task: PreparedTask) -> Collection[str]:
+        if task.spec.patch is None or task.windows is None:
             raise ValueError(f"task {task.spec.name!r} samples pixels: use a ChunkStream")
-        super().__init__(
-            task,
-            part,
-            task.windows.origins,
-            batch_size,
-            shuffle=shuffle,
-            buffer_chunks=buffer_chunks,
-            threads=threads,
-            drop_last=drop_last,
-            seed=seed,
-            reader=reader,
-            storage_options=storage_options,
-        )
-        self.patch = patch
-        self.window = tuple(patch.size)
-        self.origins = task.windows.origins[part]
-        self.units, self.strips = self._plan()
+        return task.windows.origins
+
+    def plan(self) -> None:
+        self.patch = self.task.spec.patch
+        self.window = tuple(self.patch.size)
+        self.origins = self.task.windows.origins[self.part]
+        self.units, self.strips = self._units_and_strips()
         self.chunks = sorted({c for u in self.units for c in u.needs})
         self._constants()
 
     # --- which chunks, in which order ------------------------------------------------------
 
-    def _plan(self) -> tuple[list[Unit], list[list[int]]]:
+    def _units_and_strips(self) -> tuple[list[Unit], list[list[int]]]:
         def chunk_of(pixels: np.ndarray) -> np.ndarray:  # (k, 3) pixel -> chunk indices
             columns = [
                 np.searchsorted(e, pixels[:, a], "right") - 1

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
-from typing import Self
+from typing import ClassVar, Self
 
 import numpy as np
 
@@ -85,27 +85,30 @@ class Decoded:
 
 
 class StreamBase:
-    """What both streams share: the options, the reader, the target's chunk grid, the shard.
+    """What both streams share: the constructor, its checks, the reader, the target's chunk
+    grid and the shard. A subclass names the parts it serves (`parts`) and plans its epoch
+    (`plan`); `batch_size` defaults to the subclass's `default_batch_size`."""
 
-    `parts` are the part names the stream can serve; the subclass builds its own plan."""
+    default_batch_size: ClassVar[int]
 
     def __init__(
         self,
         task: PreparedTask,
-        part: str,
-        parts: Iterable[str],
-        batch_size: int,
+        part: str = "train",
+        batch_size: int | None = None,
         *,
-        shuffle: bool,
-        buffer_chunks: int,
-        threads: int,
-        drop_last: bool,
-        seed: int | None,
-        reader: str | ChunkReader | None,
-        storage_options: dict | None,
+        shuffle: bool = True,
+        buffer_chunks: int = 8,
+        threads: int = 2,
+        drop_last: bool = False,
+        seed: int | None = None,
+        reader: str | ChunkReader | None = None,
+        storage_options: dict | None = None,
     ):
+        parts = self.parts(task)
         if part not in parts:
             raise ValueError(f"unknown part {part!r}; parts: {list(parts)}")
+        batch_size = self.default_batch_size if batch_size is None else batch_size
         if batch_size < 1 or buffer_chunks < 1 or threads < 1:
             raise ValueError("batch_size, buffer_chunks and threads must be positive")
         self.task, self.part, self.batch_size = task, part, batch_size
@@ -124,6 +127,14 @@ class StreamBase:
         self.chunk_edges = [np.concatenate([[0], np.cumsum(c)]) for c in target.chunks]
         self.itemsize = target.dtype.itemsize
         self.stats = LoadStats()
+        self.plan()
+
+    @staticmethod
+    def parts(task: PreparedTask) -> Collection[str]:
+        raise NotImplementedError
+
+    def plan(self) -> None:
+        raise NotImplementedError
 
     def chunk_slices(self, chunk: ChunkIndex) -> tuple[slice, slice, slice]:
         return tuple(  # type: ignore[return-value]
@@ -146,36 +157,16 @@ class ChunkStream(StreamBase):
     (torch DataLoader workers, DDP ranks) together see each chunk once.
     """
 
-    def __init__(
-        self,
-        task: PreparedTask,
-        part: str = "train",
-        batch_size: int = 4096,
-        *,
-        shuffle: bool = True,
-        buffer_chunks: int = 8,
-        threads: int = 2,
-        drop_last: bool = False,
-        seed: int | None = None,
-        reader: str | ChunkReader | None = None,
-        storage_options: dict | None = None,
-    ):
-        super().__init__(
-            task,
-            part,
-            task.blocks,
-            batch_size,
-            shuffle=shuffle,
-            buffer_chunks=buffer_chunks,
-            threads=threads,
-            drop_last=drop_last,
-            seed=seed,
-            reader=reader,
-            storage_options=storage_options,
-        )
+    default_batch_size = 4096
+
+    @staticmethod
+    def parts(task: PreparedTask) -> Collection[str]:
+        return task.blocks
+
+    def plan(self) -> None:
         self.chunks = self._part_chunks()
         self._prepare_constants()
-        dtype = np.result_type(*(task.cube[v].dtype for v in self.variables))
+        dtype = np.result_type(*(self.task.cube[v].dtype for v in self.variables))
         warm_up(len(self.variables), dtype, len(self.coord_axis))
 
     # --- which chunks -------------------------------------------------------------------
