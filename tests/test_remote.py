@@ -116,6 +116,25 @@ def test_cli_prepare_over_s3(s3, tiny_task):
     assert summary["cube"] == f"s3://{BUCKET}/tiny.zarr"
 
 
+def test_cli_rechunks_a_cube_from_s3(s3, tmp_path):
+    """`rechunk` reads SRC over S3 on a dask cluster: the copy has the new chunks and the local
+    cube's values; the workers close their S3 sessions (none "Unclosed" at their exit)."""
+    import zarr
+
+    dst = tmp_path / "map.zarr"
+    proc = run_cubebench(
+        *("rechunk", f"s3://{BUCKET}/tiny.zarr", str(dst), "--layout", "map"),
+        *("--dask-scheduler", "local:1", *_storage_args(s3), "--json"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Unclosed" not in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout)["chunks"] == [1, 45, 90]
+    local, copy = zarr.open_group(make_cube("tiny"), mode="r"), zarr.open_group(dst, mode="r")
+    assert copy["land_surface_temperature"].chunks == (1, 45, 90)
+    for name, array in local.arrays():
+        np.testing.assert_array_equal(copy[name][:], array[:], err_msg=name)
+
+
 def test_cli_missing_remote_cube(s3):
     proc = run_cubebench("prepare", "--cube", f"s3://{BUCKET}/nope.zarr", *_storage_args(s3))
     where = f"\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -224,12 +225,29 @@ def _copy(
                         _raise_unreadable_chunk(source, name, result.src)
                     raise
                 result.batch_s["+".join(batch)] = round(time.perf_counter() - began, 3)
+            client.run(_close_s3_sessions)
         result.peak_worker_rss_mb = memory.peak_mb
         result.baseline_worker_rss_mb = memory.baseline_mb
     if group.metadata.consolidated_metadata is not None:  # as the source has it
         with warnings.catch_warnings():  # zarr: "not part of the Zarr format 3 specification"
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             zarr.consolidate_metadata(tmp, zarr_format=fmt)
+
+
+def _close_s3_sessions() -> None:
+    """Close the S3 sessions of this process's cached s3fs filesystems, on zarr's event loop.
+    zarr opens them asynchronous, so s3fs registers no closing of its own, and a dask worker
+    that exits with one open prints "Unclosed client session"."""
+    s3fs = sys.modules.get("s3fs")  # not imported: nothing to close
+    if s3fs is None:
+        return
+    from zarr.core.sync import sync
+
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        if fs._s3creator is not None:
+            with contextlib.suppress(Exception):
+                sync(fs._s3creator.__aexit__(None, None, None))
+            fs._s3 = fs._s3creator = None
 
 
 def _batches(arrays: dict[str, zarr.Array]) -> list[list[str]]:
