@@ -33,10 +33,15 @@ RECORDER = textwrap.dedent('''
             stream = self.context.stream("train")
             rank, world = self.context.rank, self.context.world_size
             record = os.environ["RECORD_DIR"]
-            if rank == int(os.environ.get("FAIL_RANK", -1)):
-                raise ValueError(f"only rank {rank} breaks")
-            if "FAIL_RANK" in os.environ:  # a peer outlives torchrun's SIGTERM, so it fails
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # of the broken connection
+            if "FAIL_RANK" in os.environ:
+                broken = int(os.environ["FAIL_RANK"])
+                if rank != broken:  # a peer outlives torchrun's SIGTERM, so it fails of the
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # broken connection
+                ranks.total(0)  # (a barrier: the peer ignores SIGTERM before anyone breaks)
+                if rank == broken and os.environ.get("FAIL_HOW") == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer does
+                if rank == broken:
+                    raise ValueError(f"only rank {rank} breaks")
             for epoch in range(2):
                 rows = [np.column_stack([x, y]) for x, y in stream.batches(epoch)]
                 rows = np.concatenate(rows) if rows else np.empty((0, 0))
@@ -133,6 +138,21 @@ def test_a_failing_rank_fails_the_case_with_its_reason(tmp_path):
     assert result["world_size"] == 2
     assert (tmp_path / "record" / "r0-broke").exists()  # the peer's failure came and lost
     assert not list((tmp_path / "out" / "ddp" / "specs").glob(".ranks-*"))
+
+
+def test_a_killed_rank_is_the_reason_not_the_peer_it_broke(tmp_path):
+    """Rank 1 dies of SIGKILL and writes nothing; rank 0 then fails of the broken connection
+    and writes its failure. The reason is rank 1's death."""
+    proc, results = _run(
+        tmp_path,
+        *("--cases-dir", str(tmp_path / "cases"), "--cases", "recorder", "--nproc", "2"),
+        env={"FAIL_RANK": "1", "FAIL_HOW": "kill"},
+    )
+    assert proc.returncode != 0
+    result = results["recorder"]
+    assert result["status"] == "failed"
+    assert result["reason"].endswith("rank 1: killed by SIGKILL (out of memory?)"), result
+    assert (tmp_path / "record" / "r0-broke").exists()  # the peer's failure came and lost
 
 
 def test_torch_cases_train_with_ddp_and_their_loss_decreases(tmp_path, tiny_task):

@@ -111,7 +111,8 @@ class CaseOutcome:
 Progress = Callable[[str, dict[str, Any]], None]  # (case, worker event) -> None
 
 
-def _reason_from_exit(returncode: int, stderr_tail: str) -> str:
+def exit_reason(returncode: int, stderr_tail: str) -> str:
+    """Why a worker (or a DDP rank) ended without a result: its signal, or its last words."""
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -193,7 +194,7 @@ def run_case(
     if timed_out:
         reason = f"timed out after {timeout:g} s"
     else:
-        reason = _reason_from_exit(returncode, _tail(log_path))
+        reason = exit_reason(returncode, _tail(log_path))
     results.write_json_atomic(result_path, failed_result(spec, reason, seconds))
     return CaseOutcome(name, "failed", reason, seconds)
 

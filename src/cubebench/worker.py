@@ -295,6 +295,8 @@ def launch_ranks(spec_path: Path, nproc: int) -> int:
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
 
+    from cubebench.runner import exit_reason
+
     os.environ[RUNNER_PID_ENV] = str(os.getpid())  # each rank dies with this launcher
     os.environ["PYTHONSAFEPATH"] = "1"  # as `python -P`: no import from the start directory
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # ranks talk over loopback only
@@ -312,31 +314,32 @@ def launch_ranks(spec_path: Path, nproc: int) -> int:
         os.environ[RANK_RESULTS_ENV] = rank_dir
         try:
             torchrun(args)
-            code = 0
+            code, killed = 0, []
         except ChildFailedError as error:
-            rank, failure = error.get_first_failure()
-            how = _how_it_ended(failure.exitcode)
-            print(f"rank {rank} {how}", file=sys.stderr, flush=True)
+            # SIGKILL is the OOM killer's mark: torchrun stops the other ranks with SIGTERM
+            failures = error.failures
+            killed = sorted(r for r, f in failures.items() if f.exitcode == -signal.SIGKILL)
+            rank = killed[0] if killed else error.get_first_failure()[0]
+            exitcode = failures[rank].exitcode
+            how = exit_reason(exitcode, "") if exitcode < 0 else f"exited with code {exitcode}"
+            print(f"rank {rank}: {how}", file=sys.stderr, flush=True)  # the runner's reason
             code = 1
-        result = _case_result(Path(rank_dir), code)
+        result = _case_result(Path(rank_dir), code, killed)
         if result is not None:  # else the runner reports the exit, as for any dead worker
             results.write_json_atomic(result_path, result)
     return code
 
 
-def _how_it_ended(exitcode: int) -> str:
-    if exitcode < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-exitcode).name}"
-    return f"exited with code {exitcode}"
+def _case_result(rank_dir: Path, code: int, killed: list[int]) -> dict | None:
+    """The first failure any rank wrote, else rank 0's result when every rank succeeded; None
+    when a rank was killed (SIGKILL) before it could write: that is the cause, and the
+    launcher's last line says it.
 
-
-def _case_result(rank_dir: Path, code: int) -> dict | None:
-    """The first failure any rank wrote, else rank 0's result when every rank succeeded.
-
-    The first, not the last: when one rank raises, its peers fail after it with a broken
+    The first, not the last: when one rank fails, its peers fail after it with a broken
     connection ("Connection closed by peer"), which says nothing of the cause."""
     written = [json.loads(p.read_text()) for p in sorted(rank_dir.glob("*.json"))]
+    if set(killed) - {w["rank"] for w in written}:
+        return None
     failed = [w for w in written if w["result"]["status"] == "failed"]
     if failed:
         return min(failed, key=lambda w: w["written_ns"])["result"]
