@@ -21,10 +21,10 @@ import threading
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -430,7 +430,10 @@ def build_dataset(
     nvars = len(gen.variables)
     dask_chunks = ((nvars,), *da.core.normalize_chunks(chunks, shape))
     stacked = da.map_blocks(
-        partial(gen.chunk, land),
+        gen.chunk,
+        # one node of the graph that every chunk depends on: a cluster ships the mask to each
+        # worker once, not inside every chunk's task
+        land=dask.delayed(land, name=f"land-mask-{dask.base.tokenize(land)}"),
         chunks=dask_chunks,
         dtype=np.float32,
         meta=np.empty((0, 0, 0, 0), np.float32),
