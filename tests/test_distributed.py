@@ -21,15 +21,10 @@ import xarray as xr
 from cubebench import cli, cluster
 from cubebench.errors import CubebenchError
 from cubebench.task import PARTS, get_task, prepare_task
+from loopback import free_port
 from run_cli import run_cubebench
 
 WORKERS = 2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -48,7 +43,7 @@ def scheduler_address(cube_cache, tmp_path_factory):
     """A `dask scheduler` and a `dask worker --nworkers 2 --nthreads 1`, as real processes."""
     from distributed import Client
 
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     logs = tmp_path_factory.mktemp("dask")
     procs = []
@@ -158,7 +153,7 @@ def test_make_cube_cli_on_a_local_cluster_is_bit_identical(reference_cube, tmp_p
 
 def test_unreachable_scheduler_is_a_one_line_error(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 0.5)
-    address = f"tcp://127.0.0.1:{_free_port()}"  # nobody listens there
+    address = f"tcp://127.0.0.1:{free_port()}"  # nobody listens there
     started = time.monotonic()
     with (
         pytest.raises(CubebenchError, match="cannot reach the dask scheduler"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 
 import numpy as np
 import pytest
@@ -14,16 +13,11 @@ from benchmarks.remote_vs_local import moto_server
 from cubebench.cube import cube_fingerprint, make_cube, open_cube
 from cubebench.errors import CubeError
 from cubebench.task import get_task, prepare_task
+from loopback import free_port
 from run_cli import run_cubebench
 
 BUCKET = "bucket"
 KEY = SECRET = "testing"  # moto_server's fake credentials
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -168,7 +162,7 @@ def test_open_remote_unknown_storage_option(s3):
 
 
 def test_open_remote_unreachable_endpoint(s3):
-    closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     options = s3["options"] | {
         "endpoint_url": closed,
         "config_kwargs": {"retries": {"max_attempts": 1}},  # fail fast

@@ -27,6 +27,7 @@ from cubebench.redact import MASK, scrub, scrub_tree
 from cubebench.tensorboard import read_scalars
 from cubebench.tracking import case_metrics
 from fake_cases import mean_case
+from loopback import free_port
 from run_cli import CLI, run_cubebench
 
 SECRETS = {
@@ -45,12 +46,6 @@ GATE = """import os, pathlib, time
             time.sleep(0.05)"""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MlflowServer:
     """`mlflow server` on 127.0.0.1 over a sqlite store; stop() kills its process group."""
 
@@ -60,7 +55,7 @@ class MlflowServer:
         self.uri = ""
 
     def start(self) -> MlflowServer:
-        port = _free_port()
+        port = free_port()
         self.uri = f"http://127.0.0.1:{port}"
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
@@ -362,7 +357,7 @@ def test_unreachable_server_at_start_then_sync(server, tmp_path):
     cases.mkdir()
     (cases / "a_first.py").write_text(mean_case(name="first", wait="pass"))
     out = tmp_path / "results"
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     args = ["run", *_suite_args(cases, out), "--run-id", "offline"]
     proc = run_cubebench(*args, env=_env(MLFLOW_TRACKING_URI=dead))
     assert proc.returncode == 0, proc.stderr
@@ -403,6 +398,6 @@ def test_sync_errors_are_one_line(tmp_path, tracked_run):
     missing = run_cubebench("sync", str(tmp_path / "nope"), env=_env())
     assert_user_error(missing, "no results directory")
     _, run_dir = tracked_run
-    dead = _env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_free_port()}")
+    dead = _env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")
     unreachable = run_cubebench("sync", str(run_dir), env=dead)
     assert_user_error(unreachable, "mlflow at http://127.0.0.1:")
