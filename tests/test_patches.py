@@ -341,6 +341,21 @@ def test_gaps_do_not_depend_on_how_the_grid_is_cut():
     assert not np.array_equal(whole, hidden_mask(patch, 8, *(slice(0, n) for n in (10, 30, 40))))
 
 
+@pytest.mark.parametrize("which", ["task", "deep"])
+def test_window_shape_is_the_shape_the_stream_delivers(which, request):
+    """The models are built from `window_shape` before any stream exists: it must agree
+    with the batches, 1 and 3 time steps deep."""
+    from cubebench.models import window_shape
+
+    prepared = request.getfixturevalue(which)
+    x, y, _ = next(iter(PatchStream(prepared, "val", 4, shuffle=False)))
+    channels, (t, h, w) = window_shape(prepared)
+    assert x.shape[1:] == (channels, h, w) and y.shape[1:] == (t, h, w)
+    pixels = prepare_task(get_task("lst-from-t2m"), request.getfixturevalue("tiny"))
+    with pytest.raises(ValueError, match="samples pixels"):
+        window_shape(pixels)
+
+
 def test_open_stream_follows_the_geometry(tiny, task):
     assert isinstance(open_stream(task, "val"), PatchStream)
     pixels = prepare_task(get_task("lst-from-t2m"), tiny)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cubebench.loading.stream import StreamBase, concatenate, cut_batches, read_chunk
-from cubebench.task import PreparedTask
+from cubebench.task import PreparedTask, TaskSpec
 from cubebench.windows import hidden_mask
 
 ChunkIndex = tuple[int, int, int]
@@ -43,6 +43,13 @@ class Unit:
     chunk: ChunkIndex
     windows: np.ndarray  # indices into the part's window origins
     needs: tuple[ChunkIndex, ...]
+
+
+def channel_names(spec: TaskSpec, steps: int) -> list[str]:
+    """The channels of `x` for windows of `steps` time steps: per step, the inputs, the
+    visible target and its mask, then the coordinate features (`name@k` for step k)."""
+    per_step = [*spec.inputs, "visible_lst", "visible", *spec.coord_features]
+    return per_step if steps == 1 else [f"{n}@{k}" for k in range(steps) for n in per_step]
 
 
 class PatchStream(StreamBase):
@@ -141,12 +148,8 @@ class PatchStream(StreamBase):
             name: ((raw[name] - task.feature_mean[j]) / task.feature_std[j]).astype(np.float32)
             for j, name in enumerate(spec.coord_features, start=n_in)
         }
-        per_step = [*spec.inputs, "visible_lst", "visible", *spec.coord_features]
-        self.per_step = len(per_step)
-        t = self.window[0]
-        self.channel_names = (
-            per_step if t == 1 else [f"{n}@{k}" for k in range(t) for n in per_step]
-        )
+        self.per_step = len(channel_names(spec, 1))
+        self.channel_names = channel_names(spec, self.window[0])
         self.channels = len(self.channel_names)
 
     def decode_planes(self, chunk: ChunkIndex) -> tuple[np.ndarray, int, int, float]:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from cubebench.case import Context
-from cubebench.loading import PatchStream, open_stream
+from cubebench.loading.patches import channel_names
 from cubebench.task import PreparedTask
 
 # The fairness twins train with the same hyperparameters: both read them from here.
@@ -125,8 +125,9 @@ def hidden_widths(value, name: str = "hidden") -> tuple[int, ...]:
 def window_shape(task: PreparedTask) -> tuple[int, tuple[int, int, int]]:
     """(channels, (t, h, w)) of the task's windows, as its `PatchStream` cuts them: the model
     is built before any stream is handed to the case, and the channel layout is the loader's
-    to define, not the case's. Decodes nothing."""
-    stream = open_stream(task, "train", batch_size=1, shuffle=False, threads=1)
-    if not isinstance(stream, PatchStream):
+    to define, not the case's."""
+    patch = task.spec.patch
+    if patch is None:
         raise ValueError(f"task {task.spec.name!r} samples pixels, not windows")
-    return stream.channels, tuple(stream.window)  # type: ignore[return-value]
+    t, h, w = patch.size
+    return len(channel_names(task.spec, t)), (t, h, w)
