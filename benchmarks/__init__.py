@@ -22,7 +22,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cubebench.runner import default_cases_dir, worker_env
+from cubebench.discovery import default_cases_dir
+from cubebench.processes import worker_env
 
 THREADS = 2  # what a CI runner or a laptop core pair gives; every number uses the same
 SEED = 0

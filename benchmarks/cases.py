@@ -1,51 +1,21 @@
-"""Every case of `cases/` on the `tiny` and `small` synthetic cubes.
+"""Every case of `cases/` on the `tiny` and `small` synthetic cubes, end to end.
 
-`time_fit` / `peakmem_fit` time `Case.fit` alone, in this process, after the same preparation
-and `setup` the worker does (untimed). The `track_*` numbers come from one real run of the
-case through `cubebench run` (its own worker process) per parameter set: the test RMSE is
-deterministic for a seed and gates CI; throughput is tracked.
+Each parameter set is one real run of the case through `cubebench run` (its own worker
+process, the suite's one measurement path), shared by the `track_*` benchmarks: the test RMSE
+is deterministic for a seed and gates CI; throughput, fit and warm-up time, the stall and the
+worker's peak memory are tracked as the result file defines them.
 """
 
 from __future__ import annotations
 
-from benchmarks import CASE_PRESETS, SEED, THREADS, CubeBenchmark, cube_path, memo, run_case
-from cubebench.runner import discover
+from benchmarks import CASE_PRESETS, CubeBenchmark, memo, run_case
+from cubebench.discovery import discover
 
 CASES = tuple(discover())
 
 
-class CaseFit(CubeBenchmark):
-    """Training alone: what the case's library does with the streams it is handed."""
-
-    params = (CASES, CASE_PRESETS)
-    param_names = ("case", "preset")
-    number = 1  # a fit per sample: setup builds a fresh model before each
-    repeat = (1, 3, 60.0)  # at least one fit, at most three, no new one after 60 s
-    rounds = 1  # a fit is long enough to be its own warm-up-free sample
-    warmup_time = 0.0
-
-    def setup(self, cubes: str, case: str, preset: str) -> None:
-        from cubebench.case import Context
-        from cubebench.cube import open_cube
-        from cubebench.task import get_task, prepare_task
-        from cubebench.worker import resolve_device
-
-        _, cls = discover()[case]
-        task = prepare_task(get_task(cls.task), open_cube(cube_path(cubes, preset)))
-        device = resolve_device("auto", cls.devices)
-        context = Context(task, dict(cls.parameters), device=device, seed=SEED, threads=THREADS)
-        self.case = cls(context)
-        self.case.setup()
-
-    def time_fit(self, cubes: str, case: str, preset: str) -> None:
-        self.case.fit()
-
-    def peakmem_fit(self, cubes: str, case: str, preset: str) -> None:
-        self.case.fit()
-
-
 class CaseResult(CubeBenchmark):
-    """What the suite reports for the case: accuracy and training throughput."""
+    """What the suite reports for the case: accuracy, training throughput and its costs."""
 
     params = (CASES, CASE_PRESETS)
     param_names = ("case", "preset")
@@ -67,3 +37,24 @@ class CaseResult(CubeBenchmark):
         return self._result(cubes, case, preset)["throughput"]["train_samples_per_s"]
 
     track_train_samples_per_s.unit = "samples/s"
+
+    def track_fit_s(self, cubes: str, case: str, preset: str) -> float:
+        return self._result(cubes, case, preset)["timing"]["fit_s"]
+
+    track_fit_s.unit = "s"
+
+    def track_warmup_s(self, cubes: str, case: str, preset: str) -> float:
+        return self._result(cubes, case, preset)["timing"]["warmup_s"]
+
+    track_warmup_s.unit = "s"
+
+    def track_stall_percent(self, cubes: str, case: str, preset: str) -> float:
+        stall = self._result(cubes, case, preset)["loading"]["stall_fraction"]
+        return float("nan") if stall is None else 100.0 * stall
+
+    track_stall_percent.unit = "%"
+
+    def track_peak_rss_mb(self, cubes: str, case: str, preset: str) -> float:
+        return self._result(cubes, case, preset)["memory"]["peak_rss_mb"]
+
+    track_peak_rss_mb.unit = "MiB"

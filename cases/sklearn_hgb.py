@@ -36,6 +36,8 @@ class Case(Base):
         "l2_regularization": 0.0,
         "n_iter_no_change": 20,
     }
+    # what the tests run it with on the tiny cube: short, and still learning
+    test_parameters: ClassVar[dict[str, Any]] = {"max_iter": 30}
 
     def setup(self) -> None:
         from sklearn.ensemble import HistGradientBoostingRegressor

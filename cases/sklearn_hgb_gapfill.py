@@ -48,6 +48,8 @@ class Case(Base):
         "l2_regularization": 0.0,
         "n_iter_no_change": 20,
     }
+    # what the tests run it with on the tiny cube: short, and still learning
+    test_parameters: ClassVar[dict[str, Any]] = {"max_iter": 30}
 
     def setup(self) -> None:
         from sklearn.ensemble import HistGradientBoostingRegressor
@@ -149,9 +151,20 @@ class Case(Base):
         p, context = self.params, self.context
         targets = context.task.windows.targets
         train = context.stream("train")
-        x, y, windows = self.pixels(
-            context.timed_batches(train, 0), targets["train"], int(p["max_samples"]), context.seed
-        )
+        # the stall's compute: the same features on resident windows, the same share of pixels
+        share = min(1.0, int(p["max_samples"]) / max(targets["train"], 1))
+        rng = np.random.default_rng([context.seed, 8])
+        with context.probing(
+            lambda b: self.features(b[0], (b[2] > 0) & (rng.random(b[2].shape) < share)),
+            context.resident_batches(train),
+            planned_steps=train.steps_per_epoch(),
+        ):
+            x, y, windows = self.pixels(
+                context.timed_batches(train, 0),
+                targets["train"],
+                int(p["max_samples"]),
+                context.seed,
+            )
         val = context.stream("val", shuffle=False)
         xv, yv, _ = self.pixels(
             val.batches(0), targets["val"], int(p["max_val_samples"]), context.seed + 1

@@ -9,6 +9,8 @@ within a few percent of the least-squares fit. A linear model: no accuracy targe
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
 from typing import Any, ClassVar
 
@@ -32,6 +34,8 @@ class Case(Base):
         "alpha": 1e-6,  # L2 penalty
         "val_batch_size": 65536,
     }
+    # what the tests run it with on the tiny cube: short, and still learning
+    test_parameters: ClassVar[dict[str, Any]] = {"epochs": 2, "batch_size": 2048}
 
     def setup(self) -> None:
         from sklearn.linear_model import SGDRegressor
@@ -51,27 +55,50 @@ class Case(Base):
     def fit(self) -> None:
         p, context = self.params, self.context
         epochs = int(p["epochs"])
+        self.loss = [0.0, 0]  # progressive loss of the epoch: squared errors, samples
         train = context.stream("train")
         val = context.stream("val", shuffle=False, batch_size=int(p["val_batch_size"]))
-        fitted = False
-        for epoch in range(epochs):
-            start = time.perf_counter()
-            total, samples = 0.0, 0
-            for x, y in context.timed_batches(train, epoch):
-                if fitted:  # progressive loss: each batch is scored before it is learnt
-                    total += float(np.sum((self.model.predict(x) - y) ** 2))
-                    samples += len(y)
-                self.model.partial_fit(x, y)
-                fitted = True
-            seconds = time.perf_counter() - start
-            context.log_epoch(
-                epoch,
-                total / samples if samples else None,
-                self._mse(val),
-                seconds=seconds,
-                samples=context.task.samples["train"],
-                of=epochs,
-            )
+        resident = context.resident_batches(train)
+        probing = context.probing(
+            self.step,
+            resident,
+            planned_steps=epochs * train.steps_per_epoch(),
+            preserved=self._preserved,
+        )
+        with probing:
+            for epoch in range(epochs):
+                start, booked = time.perf_counter(), context.clock.snapshot()
+                self.loss = [0.0, 0]
+                for batch in context.timed_batches(train, epoch):
+                    self.step(batch)
+                seconds = time.perf_counter() - start - context.clock.since(booked, "probe")
+                total, samples = self.loss
+                context.log_epoch(
+                    epoch,
+                    total / samples if samples else None,
+                    self._mse(val),
+                    seconds=seconds,
+                    samples=context.task.samples["train"],
+                    of=epochs,
+                )
+
+    @contextlib.contextmanager
+    def _preserved(self):
+        """Probe steps learn on a copy: the model and the epoch's loss stay as they were."""
+        model, loss = self.model, list(self.loss)
+        self.model = copy.deepcopy(model)
+        try:
+            yield
+        finally:
+            self.model, self.loss = model, loss
+
+    def step(self, batch: tuple[np.ndarray, np.ndarray]) -> None:
+        """Score the batch before learning it (the progressive loss), then learn it."""
+        x, y = batch
+        if hasattr(self.model, "coef_"):
+            self.loss[0] += float(np.sum((self.model.predict(x) - y) ** 2))
+            self.loss[1] += len(y)
+        self.model.partial_fit(x, y)
 
     def _mse(self, stream) -> float:
         total, n = 0.0, 0

@@ -24,6 +24,8 @@ class Case(Base):
     devices = ("cpu", "cuda")
     distributed = True  # `run --nproc N`: DDP over N ranks
     parameters: ClassVar[dict[str, Any]] = CNN_PARAMETERS
+    # what the tests run it with on the tiny cube: short, and still learning
+    test_parameters: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 16}
 
     def setup(self) -> None:
         from cubebench.models import hidden_widths, window_shape

@@ -21,6 +21,8 @@ class Case(Base):
     devices = ("cpu", "cuda")
     distributed = True  # `run --nproc N`: DDP over N ranks
     parameters: ClassVar[dict[str, Any]] = MLP_PARAMETERS
+    # what the tests run it with on the tiny cube: short, and still learning
+    test_parameters: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 1024}
 
     def setup(self) -> None:
         from cubebench.models import hidden_widths

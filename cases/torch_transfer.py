@@ -35,6 +35,12 @@ class Case(Base):
     eval_part = "target_test"
     devices = ("cpu", "cuda")
     parameters: ClassVar[dict[str, Any]] = TRANSFER_PARAMETERS
+    # what the tests run it with on the tiny cube: short, and still learning
+    test_parameters: ClassVar[dict[str, Any]] = {
+        "epochs": 3,
+        "batch_size": 1024,
+        "finetune_epochs": 4,
+    }
 
     def setup(self) -> None:
         from cubebench.models import hidden_widths
@@ -79,16 +85,15 @@ class Case(Base):
             "batch_size": int(p["finetune_batch_size"]),
             "lr": float(p["finetune_learning_rate"]),
             "seed": context.seed,
-            "device": context.device,
         }
         # 3. fine-tune a copy of the source model
         self.finetuned = copy.deepcopy(self.source)
         tm.freeze(self.finetuned, int(p["freeze_layers"]))
-        history = tm.fit_arrays(self.finetuned, x, y, val, **budget)
+        history = tm.fit_arrays(self.finetuned, context, x, y, val, **budget)
         log_grouped(context, history, first_epoch=epochs, records=FINETUNE_RECORDS, stage=1.0)
         # 4. the same budget from the same initial weights, without pretraining
         self.scratch = self.initial
-        tm.fit_arrays(self.scratch, x, y, val, **budget)
+        tm.fit_arrays(self.scratch, context, x, y, val, **budget)
         finetune_samples = 2 * budget["epochs"] * len(y)  # fine-tuned and scratch models
         context.train_samples = epochs * task.samples["train"] + finetune_samples
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from cubebench.case import Context
+from cubebench.discovery import discover
 from cubebench.loading import open_stream
-from cubebench.runner import discover
 from cubebench.task import get_task, prepare_task
 
 CASES_DIR = Path(__file__).resolve().parents[1] / "cases"
@@ -183,7 +183,6 @@ def test_masked_metric_and_torch_evaluate_weight_every_pixel_the_same():
 
 def test_torch_and_keras_take_the_same_training_steps():
     """The same weights and batches, Adam and the cosine schedule: the same model after."""
-    import torch
 
     from cubebench.models import keras as km
     from cubebench.models import torch as tm
@@ -196,12 +195,11 @@ def test_torch_and_keras_take_the_same_training_steps():
     kmodel.fit(
         x, np.concatenate([y, mask], axis=1), batch_size=batch, epochs=2, shuffle=False, verbose=0
     )
-    adam, schedule = tm.optimizer(tmodel, lr, steps, 0.0)
+    trainer = tm.Trainer(tmodel, "cpu", lr, steps, 0.0)  # the step every torch case takes
     tmodel.train()
     for _ in range(2):
         for i in range(0, len(x), batch):
-            part = (torch.from_numpy(a[i : i + batch]) for a in (x, y, mask))
-            tm._step(tmodel, adam, schedule, *part)
+            trainer.step(tuple(a[i : i + batch] for a in (x, y, mask)))
     probe = windows(64, 6, 1, 8, 8, seed=5)[0]
     after = tm.predict(tmodel, probe)
     assert np.abs(after - initial).max() > 0.1  # the steps moved the model ...

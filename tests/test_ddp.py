@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +68,7 @@ def _run(
     (cases / "mean.py").write_text(mean_case())  # not distributed: one process, as usual
     record = tmp_path / "record"
     record.mkdir()
+
     proc = subprocess.run(
         [
             *(sys.executable, "-m", "cubebench", "run", "--cube", "synthetic:tiny"),
@@ -173,6 +175,65 @@ def test_torch_cases_train_with_ddp_and_their_loss_decreases(tmp_path, tiny_task
     assert all(e["samples"] == tiny_task.samples["train"] for e in mlp["epochs"])
     assert mlp["metrics"]["n"] == tiny_task.samples["test"]
     assert mlp["throughput"]["train_samples"] == 3 * tiny_task.samples["train"]
+
+
+LR_RECORDER = textwrap.dedent('''
+    import json, os
+    from pathlib import Path
+    import torch
+    from cubebench.discovery import load_case_class
+
+    Base = load_case_class(Path(os.environ["REPO_CASES"]) / "torch_mlp.py")
+
+    class Case(Base):
+        """torch-mlp, recording the learning rate after every training step of its rank
+        (not the warm-up's nor the probe's steps, which are put back)."""
+        name = "lr-recorder"
+        parameters = {**Base.parameters, "batch_size": 512, "min_lr_fraction": 0.1}
+
+        def fit(self):
+            seen, step = [], torch.optim.lr_scheduler.LambdaLR.step
+            clock = self.context.clock
+
+            def recording(scheduler, *args, **kwargs):
+                step(scheduler, *args, **kwargs)
+                if clock.active is None:
+                    seen.append(scheduler.get_last_lr()[0])
+
+            torch.optim.lr_scheduler.LambdaLR.step = recording
+            try:
+                super().fit()
+            finally:
+                torch.optim.lr_scheduler.LambdaLR.step = step
+            record = Path(os.environ["RECORD_DIR"]) / f"lr{self.context.rank}.json"
+            record.write_text(json.dumps(seen))
+''')
+
+
+def test_ranks_follow_one_schedule(tmp_path, tiny_task):
+    """On 2 ranks every rank takes ceil(train samples / global batch) steps per epoch and the
+    same learning rates, ending at `min_lr_fraction` of the initial rate."""
+    repo_cases = Path(__file__).resolve().parents[1] / "cases"
+    cases = tmp_path / "lr-cases"
+    cases.mkdir()
+    (cases / "lr_recorder.py").write_text(LR_RECORDER)
+    batch, epochs, alpha = 512, 2, 0.1
+    proc, results = _run(
+        tmp_path,
+        *("--cases-dir", str(cases), "--nproc", "2", "--epochs", str(epochs)),
+        env={"REPO_CASES": str(repo_cases)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = results["lr-recorder"]
+    assert result["status"] == "ok", result["reason"]
+    steps = -(-tiny_task.samples["train"] // (2 * batch))
+    assert [e["steps"] for e in result["epochs"]] == [steps] * epochs
+    rates = [json.loads((tmp_path / "record" / f"lr{r}.json").read_text()) for r in range(2)]
+    assert len(rates[0]) == epochs * steps
+    assert rates[0] == rates[1]  # one schedule
+    lr = result["params"]["learning_rate"]
+    assert rates[0][-1] == pytest.approx(alpha * lr, rel=1e-9)
+    assert rates[0][0] < lr and all(b <= a for a, b in zip(rates[0], rates[0][1:]))
 
 
 def test_metrics_merged_from_parts_equal_numpy():

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -189,3 +190,194 @@ def test_bench_loader_cli_reports_costs(tiny_task, adapter):
         assert row["stall_fraction"] is None
     else:
         assert 0 <= row["stall_fraction"] <= 1
+
+
+def _void_rows(rows: np.ndarray) -> list[bytes]:
+    return [r.tobytes() for r in np.ascontiguousarray(rows)]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("count", [2, 3])
+def test_shards_take_the_same_steps_and_every_sample_once(tiny_task, count, drop_last):
+    """Every shard yields ceil(N / (B n)) batches (floor with drop_last) of balanced sizes,
+    every epoch; together they yield the unsharded stream's samples exactly once, dealt by
+    chunks in shares that differ by at most one chunk's samples."""
+    part, size = "train", 700
+    n = tiny_task.samples[part]
+    steps = n // (size * count) if drop_last else -(-n // (size * count))
+    x, y, _ = _collect(ChunkStream(tiny_task, part, batch_size=size).batches(0))
+    whole = _rows(x, y)
+    shards = [
+        ChunkStream(tiny_task, part, batch_size=size, drop_last=drop_last).shard(i, count)
+        for i in range(count)
+    ]
+    largest = max(tiny_task.chunk_samples[part].values())
+    for epoch in range(3):
+        rows, shares, chunks = [], [], []
+        for stream in shards:
+            assert stream.steps_per_epoch(epoch) == steps
+            x, y, sizes = _collect(stream.batches(epoch))
+            share = sum(tiny_task.chunk_samples[part][c] for c in stream.epoch_chunks(epoch))
+            assert stream.shard_samples(epoch) == share
+            assert len(sizes) == steps and max(sizes) - min(sizes) <= 1
+            assert sum(sizes) == (min(share, steps * size) if drop_last else share)
+            if drop_last:
+                assert max(sizes) <= size
+            rows.append(_rows(x, y))
+            shares.append(share)
+            chunks += stream.epoch_chunks(epoch)
+        assert sorted(chunks) == sorted(shards[0].chunks)  # each chunk to one shard
+        assert sum(shares) == n and max(shares) - min(shares) <= largest
+        together = np.concatenate(rows)
+        together = together[np.lexsort(together.T[::-1])]
+        if drop_last:  # a part of the samples, none twice
+            delivered = Counter(_void_rows(together))
+            available = Counter(_void_rows(whole))
+            assert not delivered - available
+        else:
+            np.testing.assert_array_equal(together, whole)
+    # the epochs are dealt differently, each shard its own share
+    assert shards[0].epoch_chunks(0) != shards[0].epoch_chunks(1)
+
+
+def test_a_shard_short_of_samples_still_steps_with_empty_batches(tiny_task):
+    """Batches of 1 over 3 shards: a shard with fewer samples than the common step count
+    ends its epoch with empty batches, of the right shape, so every rank still steps (and a
+    shard with more puts two samples in some batches)."""
+    part, count = "val", 3
+    n = tiny_task.samples[part]
+    shards = [ChunkStream(tiny_task, part, batch_size=1).shard(i, count) for i in range(count)]
+    steps = -(-n // count)
+    total, empties = 0, 0
+    for stream in shards:
+        batches = list(stream.batches(0))
+        assert len(batches) == steps == stream.steps_per_epoch()
+        share = stream.shard_samples(0)
+        for x, y in batches:
+            assert x.shape == (len(y), 4) and x.dtype == y.dtype == np.float32
+            assert len(y) in ((0, 1) if share < steps else (1, 2))
+            empties += not len(y)
+        total += sum(len(y) for _, y in batches)
+        assert stream.stats.batches == steps and stream.stats.samples == share
+    assert total == n and empties > 0
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_a_single_shard_cuts_batches_as_before(tiny_task, drop_last):
+    """One shard: batches of B, then the remainder (dropped with drop_last), cut in order
+    from the epoch's groups; `shard(0, 1)` changes nothing."""
+    size, epoch = 1000, 1
+    stream = ChunkStream(tiny_task, "train", batch_size=size, drop_last=drop_last)
+    x, y = (np.concatenate(a) for a in zip(*stream.groups(epoch)))
+    n = len(y)
+    assert n == tiny_task.samples["train"]
+    expected = [
+        (x[i : i + size], y[i : i + size])
+        for i in range(0, n, size)
+        if not drop_last or i + size <= n
+    ]
+    assert len(expected) == (n // size if drop_last else -(-n // size))
+    sharded = ChunkStream(tiny_task, "train", batch_size=size, drop_last=drop_last).shard(0, 1)
+    for s in (stream, sharded):
+        assert s.batch_sizes(epoch) is None and s.steps_per_epoch(epoch) == len(expected)
+        got = list(s.batches(epoch))
+        assert len(got) == len(expected)
+        for (xg, yg), (xe, ye) in zip(got, expected):
+            assert xg.shape == xe.shape
+            np.testing.assert_array_equal(xg, xe)
+            np.testing.assert_array_equal(yg, ye)
+
+
+def test_planned_batches_keep_their_number_whatever_the_groups_hold():
+    from cubebench.loading.stream import LoadStats, cut_batches
+
+    def groups():
+        return iter([(np.arange(5.0)[:, None], np.arange(5.0)), (np.full((2, 1), 9.0), [9, 9])])
+
+    empty = (np.empty((0, 1)), np.empty(0))
+
+    def sizes(plan, drop_last=False):
+        stats = LoadStats()
+        out = list(cut_batches(groups(), 3, drop_last, stats, plan, empty))
+        assert stats.batches == len(out) == len(plan) and stats.epochs == 1
+        for x, y in out:
+            assert x.shape == (len(y), 1)
+        return [len(y) for _, y in out]
+
+    assert sizes([3, 3, 1]) == [3, 3, 1]
+    assert sizes([3, 3, 2, 2]) == [3, 3, 1, 0]  # ran short: a shorter batch, then an empty one
+    assert sizes([2, 2]) == [2, 5]  # more than planned: the last batch takes the rest
+    assert sizes([2, 2], drop_last=True) == [2, 2]
+    assert sizes([]) == []
+
+
+def _whole_cube(layout: str):
+    from cubebench.cube import open_cube
+    from cubebench.task import get_task, prepare_task
+
+    return prepare_task(get_task("lst-from-t2m"), open_cube(f"synthetic:tiny?layout={layout}"))
+
+
+@pytest.mark.parametrize("layout", ["balanced", "map", "5,7,11"])
+def test_read_amplification_is_one_over_the_whole_cube(layout):
+    task = _whole_cube(layout)
+    for part in PARTS:
+        stream = ChunkStream(task, part, batch_size=4096)
+        for _ in stream.batches(0):
+            pass
+        assert stream.stats.bytes_needed == stream.stats.bytes_decoded > 0
+        assert stream.stats.read_amplification == 1.0
+
+
+def _expected_amplification(task, part: str) -> tuple[float, int]:
+    """Decoded / needed cells, counted on numpy masks: every chunk of the part's blocks that
+    overlaps its selection is decoded whole; the part needs the cells in its blocks and its
+    selection. Also the number of such chunks."""
+    shape = task.cube["land_surface_temperature"].shape
+    sel = task.selections[part]
+    selected = sel.time[:, None, None] & sel.lat[None, :, None] & sel.lon[None, None, :]
+    in_blocks = np.zeros(shape, bool)
+    for block in task.blocks[part]:
+        in_blocks[task.block_slices(block)] = True
+    edges = [
+        np.concatenate([[0], np.cumsum(c)]) for c in task.cube["land_surface_temperature"].chunks
+    ]
+    decoded, chunks = 0, 0
+    for chunk in np.ndindex(*(len(e) - 1 for e in edges)):
+        window = tuple(slice(int(e[c]), int(e[c + 1])) for e, c in zip(edges, chunk))
+        if in_blocks[window].all() and selected[window].any():
+            decoded += in_blocks[window].size
+            chunks += 1
+    return decoded / int((in_blocks & selected).sum()), chunks
+
+
+@pytest.mark.parametrize("name", ["lst-from-t2m-transfer", "lst-from-t2m-box-and-season"])
+def test_read_amplification_counts_the_cells_a_box_cuts_off(tiny, name):
+    """tiny's chunk rows of 12 x 4 degrees straddle 20 and 70 degrees north: the cells
+    beyond the box are decoded for nothing. The ratio equals a count on numpy masks, for one
+    stream and for two shards together."""
+    from cubebench.loading import LoadStats
+    from cubebench.task import Box, get_task, prepare_task
+
+    if name == "lst-from-t2m-transfer":
+        spec = get_task(name)
+    else:
+        spec = get_task(
+            "lst-from-t2m", region=Box(20, 70, -20, 60), time_range=("2001-03-01", "2001-08-31")
+        )
+    task = prepare_task(spec, tiny)
+    for part in ("train", "test", *(("target_train",) if spec.split == "region" else ())):
+        expected, chunks = _expected_amplification(task, part)
+        assert expected > 1
+        stream = ChunkStream(task, part, batch_size=1000)
+        for _ in stream.batches(0):
+            pass
+        assert stream.stats.chunks_decoded == chunks
+        assert stream.stats.read_amplification == expected
+        shards = [ChunkStream(task, part, batch_size=1000).shard(i, 2) for i in range(2)]
+        total = LoadStats()
+        for shard in shards:
+            for _ in shard.batches(3):
+                pass
+            total = total + shard.stats
+        assert total.read_amplification == expected

@@ -137,7 +137,7 @@ def test_compare_shows_every_case_of_the_run(kernel: str, small_run: Path, tmp_p
 
 def test_inline_run_is_the_suites_evaluation(tiny, tmp_path: Path):
     """What the notebooks plot is what the suite measures: the per-sample predictions give the
-    RMSE of `worker.evaluate`, the residual map averages them, the objects render as HTML."""
+    RMSE of `measure.evaluate`, the residual map averages them, the objects render as HTML."""
     pytest.importorskip("sklearn")
     import numpy as np
 

@@ -176,8 +176,12 @@ def test_shards_cover_every_window_once(task):
     whole = window_keys(PatchStream(task, "train", 16, shuffle=False), 0)
     shards = [PatchStream(task, "train", 16).shard(i, 3) for i in range(3)]
     assert sum((window_keys(s, 0) for s in shards), Counter()) == whole
-    # whole strips per shard: no chunk decoded by two shards
-    assert sum(s.stats.chunks_decoded for s in shards) == len(shards[0].chunks)
+    # contiguous stretches of the walk: each shard decodes the chunks its windows need once,
+    # and only chunks at the 2 cuts are decoded by two shards
+    needs = [{c for u in s.epoch_units(0) for c in u.needs} for s in shards]
+    assert [s.stats.chunks_decoded for s in shards] == [len(n) for n in needs]
+    assert set().union(*needs) == set(shards[0].chunks)
+    assert sum(map(len, needs)) <= len(shards[0].chunks) * 1.5
 
 
 @pytest.fixture(scope="module")
@@ -408,3 +412,69 @@ def test_bench_loader_measures_windows(tiny):
     assert row["windows"] == row["expected_windows"] > 0
     assert row["read_amplification"] == 1.0
     assert row["ratio_to_raw"] > 0 and row["windows_per_s"] > 0
+
+
+@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("which", ["task", "deep"])
+def test_shards_step_together_and_deliver_every_window_once(which, count, request):
+    """Every shard yields ceil(N / (B n)) batches of balanced sizes, every epoch; together
+    every window once; each share within one unit's windows of the mean."""
+    prepared = request.getfixturevalue(which)
+    size, n = 16, prepared.samples["train"]
+    steps = -(-n // (size * count))
+    whole = window_keys(PatchStream(prepared, "train", size, shuffle=False), 0)
+    shards = [PatchStream(prepared, "train", size).shard(i, count) for i in range(count)]
+    largest = max(len(u.windows) for u in shards[0].units)
+    for epoch in range(3):
+        together: Counter = Counter()
+        shares = []
+        for stream in shards:
+            assert stream.steps_per_epoch(epoch) == steps
+            sizes = []
+            for batch in stream.batches(epoch):
+                sizes.append(len(batch[0]))
+                together.update(b"".join(a.tobytes() for a in window) for window in zip(*batch))
+            share = sum(len(u.windows) for u in stream.epoch_units(epoch))
+            assert stream.shard_samples(epoch) == share == sum(sizes)
+            assert len(sizes) == steps and max(sizes) - min(sizes) <= 1
+            shares.append(share)
+        assert together == whole
+        assert all(abs(share - n / count) <= largest for share in shares)
+
+
+def test_a_window_shard_short_of_windows_steps_with_empty_batches(task):
+    count = 3
+    shards = [PatchStream(task, "val", 1).shard(i, count) for i in range(count)]
+    steps = -(-task.samples["val"] // count)
+    t, h, w = task.spec.patch.size
+    empties = 0
+    for stream in shards:
+        batches = list(stream.batches(0))
+        assert len(batches) == steps == stream.steps_per_epoch()
+        for x, y, mask in batches:
+            assert x.shape == (len(y), stream.channels, h, w)
+            assert y.shape == mask.shape == (len(y), t, h, w)
+            assert x.dtype == y.dtype == mask.dtype == np.float32
+            empties += not len(y)
+    assert empties > 0
+
+
+def test_read_amplification_of_windows_counts_the_cells_outside_the_region(tiny):
+    """A region's border inside chunks: the decoded chunks' cells outside the region count
+    as read for nothing. The ratio equals a count on numpy masks."""
+    from cubebench.task import Box
+
+    spec = replace(get_task("lst-gapfill"), region=Box(-40.0, 80.0, -120.0, 160.0))
+    task = prepare_task(spec, tiny)
+    stream = PatchStream(task, "train", 16)
+    for _ in stream.batches(0):
+        pass
+    sel = task.selections["train"]
+    selected = sel.time[:, None, None] & sel.lat[None, :, None] & sel.lon[None, None, :]
+    decoded = needed = 0
+    for chunk in stream.chunks:  # every chunk the windows need
+        window = stream.chunk_slices(chunk)
+        decoded += selected[window].size
+        needed += int(selected[window].sum())
+    assert stream.stats.chunks_decoded == len(stream.chunks)
+    assert stream.stats.read_amplification == decoded / needed > 1

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cubebench import results
-from cubebench.runner import discover
+from cubebench.discovery import discover
 
 CASES = list(discover())
 FRAMEWORKS = {"torch", "keras"}

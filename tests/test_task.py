@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -173,3 +175,39 @@ def test_fingerprint_is_stable_and_sensitive(tmp_path, tiny_task, tiny):
     assert cube_fingerprint(rechunked) != cube_fingerprint(tiny)
     other_seed = open_cube(str(make_cube("tiny", seed=5, output=tmp_path / "s.zarr")))
     assert cube_fingerprint(other_seed) != cube_fingerprint(tiny)
+
+
+def _chunk_counts_reference(task, part) -> dict[tuple, int]:
+    """Valid samples of the part per chunk of its blocks, counted on the numpy cube."""
+    _, _, valid = _full_arrays(task)
+    sel = task.selections[part]
+    mask = valid & _part_mask(task, part)
+    mask &= sel.time[:, None, None] & sel.lat[None, :, None] & sel.lon[None, None, :]
+    chunks = task.cube["land_surface_temperature"].chunks
+    edges = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
+    counts = {}
+    for block in task.blocks[part]:
+        ranges = [
+            range(*np.searchsorted(e, [s.start, s.stop]).tolist())
+            for e, s in zip(edges, task.block_slices(block))
+        ]
+        for chunk in itertools.product(*ranges):
+            window = tuple(slice(int(e[c]), int(e[c + 1])) for e, c in zip(edges, chunk))
+            counts[chunk] = int(mask[window].sum())
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("name", "block_chunks"),
+    [("lst-from-t2m", (1, 1, 1)), ("lst-from-t2m", (2, 2, 1)), ("lst-from-t2m-transfer", None)],
+)
+def test_chunk_samples_count_each_chunks_valid_pixels(tiny, name, block_chunks):
+    """The dask pass also counts every chunk's valid samples per part (blocks of one or of
+    several chunks, region split too): they equal a count on the numpy cube, chunk by chunk,
+    for every chunk of the part's blocks, and add up to the part's samples."""
+    task = prepare_task(get_task(name, block_chunks=block_chunks), tiny)
+    assert set(task.chunk_samples) == set(task.spec.parts)
+    for part in task.spec.parts:
+        counts = task.chunk_samples[part]
+        assert counts == _chunk_counts_reference(task, part)
+        assert sum(counts.values()) == task.samples[part] > 0

@@ -401,3 +401,42 @@ def test_sync_errors_are_one_line(tmp_path, tracked_run):
     dead = _env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")
     unreachable = run_cubebench("sync", str(run_dir), env=dead)
     assert_user_error(unreachable, "mlflow at http://127.0.0.1:")
+
+
+# --- repeats: the case's run holds the aggregate, one nested run per repeat -----------------
+
+
+def test_repeats_are_nested_under_their_case_with_the_aggregate(server, tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "mean.py").write_text(mean_case())
+    out = tmp_path / "out"
+    args = [*_suite_args(cases, out), "--run-id", "repeated", "--repeat", "3", "--vary-split"]
+    proc = run_cubebench("run", *args, env=_env(MLFLOW_TRACKING_URI=server.uri))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = server.client()
+    runs = _runs(client, "repeated")
+    (case_run,) = _by_case(runs)["mean"]
+    repeats = [r for r in runs if r.data.tags.get("cubebench.role") == "repeat"]
+    assert sorted(int(r.data.tags["cubebench.repeat"]) for r in repeats) == [0, 1, 2]
+    assert {r.data.tags["mlflow.parentRunId"] for r in repeats} == {case_run.info.run_id}
+    found = [
+        json.loads((out / "repeated" / f"{results.result_name('mean', k)}.json").read_text())
+        for k in range(3)
+    ]
+    for run in repeats:
+        result = found[int(run.data.tags["cubebench.repeat"])]
+        assert run.data.params["seed"] == str(result["seed"])
+        assert run.data.params["split_seed"] == str(result["split_seed"])
+        assert run.data.metrics["rmse"] == pytest.approx(result["metrics"]["rmse"], rel=1e-12)
+    rmse = [r["metrics"]["rmse"] for r in found]
+    metrics = case_run.data.metrics
+    assert case_run.data.tags["cubebench.complete"] == "true"
+    assert metrics["repeats.ok"] == 3 and metrics["repeats.failed"] == 0
+    assert metrics["rmse.mean"] == pytest.approx(sum(rmse) / 3, rel=1e-12)
+    assert metrics["rmse.ci95_low"] < metrics["rmse.mean"] < metrics["rmse.ci95_high"]
+    # `sync` finds everything there: nothing pushed twice
+    sync = run_cubebench("sync", str(out / "repeated"), env=_env(MLFLOW_TRACKING_URI=server.uri))
+    assert sync.returncode == 0, sync.stderr
+    assert "pushed 0 case(s)" in sync.stdout
+    assert len(_runs(client, "repeated")) == len(runs)

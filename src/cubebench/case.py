@@ -12,6 +12,7 @@ top of a case file: listing the cases must not load TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,9 @@ from cubebench.loading import Stream, open_stream
 from cubebench.loading.stream import LoadStats, materialize
 from cubebench.task import PreparedTask
 from cubebench.tensorboard import ScalarWriter
+from cubebench.timing import InterleavedProbe, LoopClock, PhaseClock, StepTiming
+
+RESIDENT_BATCHES = 4  # distinct batches the compute probe cycles over
 
 Predict = Callable[[np.ndarray], np.ndarray]  # normalised X[B, F] -> normalised y_hat[B]
 
@@ -41,10 +45,18 @@ class EpochRecord:
 
 class Context:
     """What the runner hands a case: the prepared task, parameters, device, seed and threads,
-    streams whose loading costs are collected, and a log for per-epoch losses.
+    streams whose loading costs are collected, a log for per-epoch losses, and the clocks
+    that measure every library the same way:
+
+    - `phase("warmup")` / `phase("probe")` inside `fit`: compile, tracing and first steps are
+      booked as warm-up, measurements as probe; the rest of `fit` is the training epochs;
+    - `timed_batches` times the loop over a training stream (wall time, steps, and the wait
+      inside `next(batch)`); framework loops report theirs with `loop.record`;
+    - `probing(step, resident)` interleaves bursts of the same step on resident batches with
+      the training steps, for the stall (`before_step` in framework loops).
 
     In a DDP run (`run --nproc N`, torch cases with `distributed = True`) every rank has its
-    own context, and `stream` gives the rank its share of the part's chunks."""
+    own context, and `stream` gives the rank its share of the part's samples."""
 
     def __init__(
         self,
@@ -66,8 +78,10 @@ class Context:
         self.tensorboard_dir = tensorboard_dir
         self.epochs: list[EpochRecord] = []
         self.train_streams: list[Stream] = []
-        self.stall_seconds = 0.0  # consumer-side waits measured by `timed_batches`
-        self.stall_estimated = False
+        self.clock = PhaseClock()
+        self.loop = LoopClock()
+        self.compute: StepTiming | None = None  # resident step time (`probing`)
+        self._probe: InterleavedProbe | None = None
         self.train_samples: int | None = None  # set by cases that log no epochs (in-memory)
         self._on_epoch = on_epoch
         self._tensorboard: ScalarWriter | None = None
@@ -76,33 +90,108 @@ class Context:
     def batch_size(self) -> int:
         return int(self.params.get("batch_size", 4096))
 
-    def stream(self, part: str = "train", *, shuffle: bool = True, **options) -> Stream:
-        """A stream over a part, seeded by the run; training streams count as loading cost.
-        Pixels (`ChunkStream`) or windows (`PatchStream`), by the task's geometry; under DDP
-        this rank's disjoint share (the same seed on every rank: one permutation, dealt out)."""
+    def phase(self, name: str):
+        """Book the time inside this block as `name` (`warmup` or `probe`), not as training."""
+        return self.clock.phase(name)
+
+    def stream(
+        self, part: str = "train", *, shuffle: bool = True, counted: bool | None = None, **options
+    ) -> Stream:
+        """A stream over a part, seeded by the run. Pixels (`ChunkStream`) or windows
+        (`PatchStream`), by the task's geometry; under DDP this rank's disjoint share (the same
+        seed on every rank: one permutation, dealt out by samples, every rank the same number
+        of batches). Training streams (`shuffle`, unless `counted=False`) count as loading
+        cost."""
         options.setdefault("batch_size", self.batch_size)
         options.setdefault("threads", self.threads)
-        stream = open_stream(self.task, part, shuffle=shuffle, seed=self.seed, **options)
+        with self.phase("warmup"):  # opening a store, loading the kernels: not training
+            stream = open_stream(self.task, part, shuffle=shuffle, seed=self.seed, **options)
         if self.world_size > 1:
             stream.shard(self.rank, self.world_size)
-        if shuffle:
+        if shuffle if counted is None else counted:
             self.train_streams.append(stream)
         return stream
+
+    def resident_batches(self, stream: Stream, count: int = RESIDENT_BATCHES) -> list[tuple]:
+        """Up to `count` full batches of `stream`'s part, read now by an uncounted stream of
+        the same options (this rank's share under DDP) and held in memory: what the compute
+        probe steps on, so that the loader is out of the way."""
+        probe = self.stream(
+            stream.part,
+            shuffle=stream.shuffle,
+            counted=False,
+            batch_size=stream.batch_size,
+            threads=stream.threads,
+        )
+        batches = probe.batches(0)
+        kept: list[tuple] = []
+        try:
+            for batch in batches:
+                if len(batch[0]):
+                    kept.append(tuple(np.array(a) for a in batch))  # owned, not views
+                if len(kept) >= count:
+                    break
+        finally:
+            batches.close()
+        if len(kept) > 1 and len(kept[-1][0]) < len(kept[0][0]):
+            kept.pop()  # the part's last, partial batch: not a typical step
+        return kept
+
+    @contextlib.contextmanager
+    def probing(
+        self,
+        step: Callable[[Any], object],
+        resident: list,
+        *,
+        planned_steps: int,
+        preserved: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        sync: Callable[[], None] = lambda: None,
+    ) -> Iterator[InterleavedProbe]:
+        """While inside, bursts of `step` on the `resident` batches run between training
+        steps (`timed_batches`, or `before_step` from a framework's loop), booked as probe
+        and left out of the loop's time; on leaving, their timing is kept for the stall.
+        `preserved()` must put the model back as it was (state restored, or a copy)."""
+        probe = InterleavedProbe(step, resident, preserved, sync, max(1, planned_steps))
+        self._probe = probe
+        try:
+            yield probe
+        finally:
+            self._probe = None
+        with self.phase("probe"):
+            self.compute = probe.finish()
+
+    def before_step(self) -> float:
+        """A training step is about to start: maybe a probe burst first (booked as probe).
+        Returns the seconds it took, for a loop clock to leave out."""
+        if self._probe is None:
+            return 0.0
+        with self.phase("probe"):
+            return self._probe.before_step()
 
     def materialize(self, part: str, max_samples: int | None = None):
         """A seeded in-memory subsample (normalised), for in-memory models."""
         return materialize(self.task, part, max_samples, seed=self.seed, threads=self.threads)
 
     def timed_batches(self, stream: Stream, epoch: int) -> Iterator[tuple]:
-        """The epoch's batches, counting the time the training loop waits for each one."""
+        """The epoch's batches, timing the loop over them: its wall time and steps (for the
+        stall estimate) and the time it waits inside `next(batch)` (measured directly)."""
         batches = stream.batches(epoch)
-        while True:
-            asked = time.perf_counter()
-            batch = next(batches, None)
-            self.stall_seconds += time.perf_counter() - asked
-            if batch is None:
-                return
-            yield batch
+        loop = self.loop
+        loop.wait_observable = True
+        started = time.perf_counter()
+        probed = 0.0
+        try:
+            while True:
+                asked = time.perf_counter()
+                batch = next(batches, None)
+                loop.wait_seconds += time.perf_counter() - asked
+                if batch is None:
+                    return
+                probed += self.before_step()
+                loop.steps += 1
+                yield batch
+        finally:
+            loop.seconds += time.perf_counter() - started - probed
 
     def log_epoch(
         self,
@@ -162,7 +251,7 @@ class Context:
     def loading(self) -> LoadStats:
         """The summed loading costs of every training stream."""
         total = sum((stream.stats for stream in self.train_streams), LoadStats())
-        total.stall_seconds = self.stall_seconds
+        total.stall_seconds = self.loop.wait_seconds
         return total
 
 
@@ -175,6 +264,9 @@ class Case:
     task: ClassVar[str] = "lst-from-t2m"
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     parameters: ClassVar[dict[str, Any]] = {}
+    # overrides the tests run the case with on the tiny cube (short epochs, small batches):
+    # with them a case's end-to-end test takes seconds and its losses still fall
+    test_parameters: ClassVar[dict[str, Any]] = {}
     # the part the runner evaluates on (transfer cases evaluate on the target region)
     eval_part: ClassVar[str] = "test"
     # trains with torch DDP under `cubebench run --nproc N` (its loops reduce across ranks)
@@ -189,6 +281,8 @@ class Case:
         """Build the model; seeds and threads are already set. Timed as warm-up."""
 
     def fit(self) -> None:
+        """Train. Compile and tracing go inside `self.context.phase("warmup")`, measurements
+        inside `phase("probe")`: the rest is the training epochs (`fit_s`)."""
         raise NotImplementedError
 
     def predict(self, x: np.ndarray) -> np.ndarray:

@@ -194,7 +194,7 @@ def _cmd_bench_loader(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from cubebench.runner import discover
+    from cubebench.discovery import discover
 
     cases = discover(args.cases_dir)
     rows = [
@@ -225,22 +225,18 @@ RUN_SETTINGS = (
     "threads",
     "timeout",
     "nproc",
+    "repeat",
+    "vary_split",
     "run_id",
 )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from cubebench.cube import open_cube
+    from cubebench.discovery import discover, select
     from cubebench.progress import SuiteProgress
     from cubebench.report import write_report
-    from cubebench.runner import (
-        claim_run_dir,
-        discover,
-        hold_run,
-        resume_settings,
-        run_suite,
-        select,
-    )
+    from cubebench.runner import claim_run_dir, hold_run, jobs, resume_settings, run_suite
     from cubebench.tracking import SuiteTracker, sync
 
     available = discover(args.cases_dir)
@@ -264,16 +260,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "threads": args.threads,
             "timeout": args.timeout,
             "nproc": args.nproc,
+            "repeat": args.repeat,
+            "vary_split": args.vary_split,
         }
     cube = open_cube(settings["cube"], storage_options=options)  # a bad cube fails here
-    _preflight(cube, {available[name][1].task for name in settings["cases"]})
+    splits = range(settings["repeat"]) if settings["vary_split"] else range(1)
+    _preflight(cube, {available[name][1].task for name in settings["cases"]}, splits)
     if not args.resume:
         run_dir = claim_run_dir(args.out, args.run_id)
     cases = settings["cases"]
     signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, a batch system: as Ctrl-C
     tracker = None if args.no_tracking else SuiteTracker(run_dir, args.experiment)
     try:
-        with hold_run(run_dir), SuiteProgress(cases) as progress:
+        with hold_run(run_dir), SuiteProgress(jobs(cases, settings["repeat"])) as progress:
             if tracker:
                 tracker.warn = progress.warn
             outcomes = run_suite(
@@ -323,24 +322,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     for outcome in failed:
-        print(f"failed:  {outcome.case}: {outcome.reason}", file=sys.stderr)
+        print(f"failed:  {outcome.name}: {outcome.reason}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _preflight(cube, tasks: set[str]) -> None:
-    """Prepare every task once before any case starts: a region without valid samples or too
-    few blocks for a split is one line now, not the same failure in every case. Other
-    problems (an unreadable chunk) are left to the cases that meet them."""
+def _preflight(cube, tasks: set[str], splits: range = range(1)) -> None:
+    """Prepare every task once (with every split seed the repeats will use) before any case
+    starts: a region without valid samples or too few blocks for a split is one line now, not
+    the same failure in every case. Other problems (an unreadable chunk) are left to the
+    cases that meet them."""
     from cubebench.errors import TaskError
     from cubebench.task import get_task, prepare_task
 
     for name in sorted(tasks):
-        try:
-            prepare_task(get_task(name), cube)
-        except TaskError as error:
-            raise CubebenchError(f"task {name}: {error}") from None
-        except Exception:
-            pass
+        for offset in splits:
+            spec = get_task(name)
+            try:
+                prepare_task(get_task(name, seed=spec.seed + offset), cube)
+            except TaskError as error:
+                seed = f" (split seed {spec.seed + offset})" if offset else ""
+                raise CubebenchError(f"task {name}{seed}: {error}") from None
+            except Exception:
+                pass
 
 
 def _interrupt(signum, frame) -> None:
@@ -496,6 +499,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch DDP ranks (torchrun; gloo on CPU, nccl on GPU, one GPU per rank) for the "
         "cases that support it; the ranks share --threads (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=_positive(int),
+        default=1,
+        metavar="N",
+        help="run every case N times, with seeds SEED .. SEED+N-1 (model initialisation and "
+        "sample order); the report gives means and 95 %% intervals (default: %(default)s)",
+    )
+    p.add_argument(
+        "--vary-split",
+        action="store_true",
+        help="with --repeat: the task's split seed moves with the repeat too",
     )
     p.add_argument("--run-id", help="name of the run (default: date-time-random)")
     p.add_argument(

@@ -1,12 +1,13 @@
 """What the notebooks (`notebooks/`) use: a case run in this process, and plots of the cube, the
 split and the predictions.
 
-`run_case_inline` does what a suite's worker does for one case (`cubebench.worker.run`): open
-the cube, prepare the case's task, build the `Context`, `setup()` and `fit()` the case, and
-evaluate every predictor on its eval part with `cubebench.worker.evaluate` — the same functions,
-here in the calling process, so that the trained case, its context and task stay at hand. The
-suite's numbers come from isolated workers with pinned thread counts (`cubebench run`); an
-inline run is for looking at a case, not for timing it against others.
+`run_case_inline` runs a case through the suite's one measurement path
+(`cubebench.measure.run_case`, which the worker of `cubebench run` calls too): open the cube,
+prepare the case's task, `setup()`, `fit()`, evaluate every predictor on its eval part and
+build the result record — here in the calling process, so that the trained case, its context
+and task stay at hand. The suite's numbers come from isolated workers with pinned thread
+counts (`cubebench run`); an inline run is for looking at a case, not for timing it against
+others.
 
 No framework is imported here: the case imports its own in `setup()`. matplotlib is imported
 inside the plotting functions, which return a closed figure (Jupyter shows a returned figure
@@ -15,18 +16,17 @@ once; a script can `fig.savefig`).
 
 from __future__ import annotations
 
-import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cubebench.case import Case, Context, EpochRecord
+from cubebench.display import facts_table as html_table
 from cubebench.loading.stream import LoadStats
-from cubebench.report import facts_table as html_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -49,7 +49,7 @@ PART_COLOURS = {  # parts of a split on a map; blocks of no part stay white
 
 def case_class(case: str | Path | type[Case]) -> type[Case]:
     """A case class from its name (`cubebench list`), its file, or the class itself."""
-    from cubebench.runner import discover, load_case_class
+    from cubebench.discovery import discover, load_case_class
 
     if isinstance(case, type):
         return case
@@ -63,74 +63,49 @@ def case_class(case: str | Path | type[Case]) -> type[Case]:
 
 @dataclass
 class InlineRun:
-    """A case trained in this process: the case (its model), its context and task, and what
-    the suite's worker would have measured."""
+    """A case trained in this process: the case (its model), its context and task, and the
+    result record the suite's worker would have written."""
 
     case: Case
     context: Context
     task: PreparedTask
-    metrics: dict
-    timing: dict[str, float]
-    loading: LoadStats
-    device: str
-    cube_spec: str
+    record: dict
+    evaluated_samples: int = 0  # samples of the eval part scored (pixels, or windows)
     tensorboard_dir: str | None = None
-    evaluated_samples: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.case.name
 
+    @property
+    def metrics(self) -> dict:
+        return self.record["metrics"]
+
+    @property
+    def timing(self) -> dict:
+        return self.record["timing"]
+
+    @property
+    def device(self) -> str:
+        return self.record["device"]
+
+    @property
+    def loading(self) -> LoadStats:
+        """The summed loading costs of the training streams (counters, not the stall)."""
+        return self.context.loading()
+
     def epochs(self) -> pd.DataFrame:
         """One row per logged epoch (losses in normalised units)."""
         import pandas as pd
 
-        from cubebench.worker import epoch_rows
+        from cubebench.measure import epoch_rows
 
         rows = epoch_rows(self.context)
         return pd.DataFrame(rows, columns=None if rows else ["epoch", "train_loss", "val_loss"])
 
     def result(self, run_id: str = "inline") -> dict:
         """The run as a result record of the suite's format (`results/<run>/<case>.json`)."""
-        from cubebench import results
-        from cubebench.worker import (
-            epoch_rows,
-            library_version,
-            loading_record,
-            throughput_record,
-        )
-
-        cls, context = type(self.case), self.context
-        fit, predict = self.timing["fit_s"], self.timing["predict_s"]
-        return {
-            "schema_version": results.SCHEMA_VERSION,
-            "run_id": run_id,
-            "case": cls.name,
-            "library": cls.library,
-            "library_version": library_version(cls.library),
-            "task": cls.task,
-            "status": "ok",
-            "reason": None,
-            "device": self.device,
-            "params": dict(self.case.params),
-            "seed": context.seed,
-            "threads": context.threads,
-            "started_at": self.extra.get("started_at") or results.now(),
-            "finished_at": self.extra.get("finished_at") or results.now(),
-            "metrics": self.metrics,
-            "timing": {k: round(v, 4) for k, v in self.timing.items()} | {"total_s": None},
-            "throughput": throughput_record(context, fit, self.evaluated_samples, predict),
-            "loading": loading_record(context, fit),
-            "memory": {"peak_rss_mb": None, "gpu_peak_mb": None},
-            "epochs": epoch_rows(context),
-            "cube": {
-                "spec": self.cube_spec,
-                "fingerprint": self.task.fingerprint,
-                "chunk_shape": list(self.task.chunk_shape),
-            },
-            "environment": results.environment_manifest(context.threads, context.seed),
-        }
+        return {**self.record, "run_id": run_id}
 
     def _repr_html_(self) -> str:
         m = self.metrics
@@ -148,7 +123,7 @@ class InlineRun:
         if len(by_predictor) > 1:
             rows += [(f"RMSE {k} [{units}]", v.get("rmse")) for k, v in by_predictor.items()]
         rows += [(k, v) for k, v in m.items() if k == "transfer_gain"]
-        rows += [(k.replace("_s", " s"), v) for k, v in self.timing.items()]
+        rows += [(k.replace("_s", " s"), v) for k, v in self.timing.items() if v is not None]
         return html_table(rows, f"inline run of {self.name}")
 
 
@@ -226,71 +201,45 @@ def run_case_inline(
     task: PreparedTask | None = None,
     storage_options: dict | None = None,
 ) -> InlineRun:
-    """Train and evaluate one case in this process, as the suite's worker does.
+    """Train and evaluate one case in this process, through the suite's measurement path.
 
     `case`: a name (`cubebench list`), a case file or a class; `cube`: a spec for
     `open_cube` or an opened dataset; `params` override the case's defaults (`epochs`...);
     `task`: an already prepared task of the case's task name (saves preparing it again).
     Seeds are set as in the worker; thread counts of the numeric libraries are not (the
-    worker fixes them before the process starts), the case's own `threads` are.
+    worker fixes them before the process starts), the case's own `threads` are. A case that
+    fails raises here (a notebook wants the traceback), with the result's one-line reason.
     """
     from cubebench import results
-    from cubebench.cube import open_cube
-    from cubebench.task import get_task, prepare_task
-    from cubebench.worker import evaluate, resolve_device
+    from cubebench.measure import run_case
 
     cls = case_class(case)
-    started_at = results.now()
-    random.seed(seed)
-    np.random.seed(seed)
-    device = resolve_device(device, cls.devices)
-    started = time.perf_counter()
-    spec = cube if isinstance(cube, str) else cube.attrs.get("cubebench_source", "dataset")
-    if task is None:
-        dataset = open_cube(cube, storage_options) if isinstance(cube, str) else cube
-        task = prepare_task(get_task(cls.task), dataset)
-    elif task.spec.name != cls.task:
-        raise ValueError(f"{cls.name} runs task {cls.task!r}, not {task.spec.name!r}")
-    prepare_s = time.perf_counter() - started
-    merged = {**cls.parameters, **(params or {})}
     with _EpochBar(cls.name, progress) as bar:
-        context = Context(
-            task,
-            merged,
+        measured = run_case(
+            cls,
+            cube,
+            run_id="inline",
+            params=params,
             device=device,
             seed=seed,
             threads=threads,
+            environment=results.environment_manifest(threads, seed),
+            task=task,
+            storage_options=storage_options,
             tensorboard_dir=None if tensorboard_dir is None else str(tensorboard_dir),
             on_epoch=bar,
         )
-        instance = cls(context)
-        try:
-            start = time.perf_counter()
-            instance.setup()
-            warmup = time.perf_counter() - start
-            start = time.perf_counter()
-            instance.fit()
-            fit = time.perf_counter() - start
-        finally:
-            context.close()  # the event files are complete
-    metrics, predict_seconds, n_eval = evaluate(instance, context)
+    record = measured.result
+    if record["status"] != "ok" or measured.case is None or measured.context is None:
+        raise RuntimeError(f"{cls.name} failed: {record['reason']}")
+    assert measured.task is not None
     return InlineRun(
-        case=instance,
-        context=context,
-        task=task,
-        metrics=metrics,
-        timing={
-            "prepare_s": prepare_s,
-            "warmup_s": warmup,
-            "fit_s": fit,
-            "predict_s": predict_seconds,
-        },
-        loading=context.loading(),
-        device=device,
-        cube_spec=spec,
+        case=measured.case,
+        context=measured.context,
+        task=measured.task,
+        record=record,
+        evaluated_samples=measured.evaluation.samples if measured.evaluation else 0,
         tensorboard_dir=None if tensorboard_dir is None else str(tensorboard_dir),
-        evaluated_samples=n_eval,
-        extra={"started_at": started_at, "finished_at": results.now()},
     )
 
 
@@ -335,7 +284,7 @@ def predictions(run: InlineRun, part: str | None = None, predictor: str | None =
     (prediction − truth).
 
     The features are the loader's (the normalised float32 records a stream decodes, in chunk
-    order) and go through the case's predictor as in `cubebench.worker.evaluate`; the result
+    order) and go through the case's predictor as in `cubebench.measure.evaluate`; the result
     is denormalised with the train-only target mean and std."""
     import pandas as pd
 

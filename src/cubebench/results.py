@@ -1,8 +1,10 @@
 """Result files: one JSON per case, written atomically, validated against a versioned schema.
 
-Layout of a run: `RESULTS/<run-id>/run.json` (the run manifest), `<case>.json` per case, and
-`environment.json`. The schema is `cubebench/schemas/result-v1.schema.json`, documented in
-docs/results.md.
+Layout of a run: `RESULTS/<run-id>/run.json` (the run manifest), `<case>.json` per case
+(repeat 0) and `<case>@<i>.json` per further repeat, `environment.json`, and the report's
+`summary.json`. Results are written as `cubebench/schemas/result-v2.schema.json`; version 1
+results (runs of earlier versions) still validate against result-v1, so old runs keep
+rendering. Documented in docs/results.md.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from typing import Any
 
 from cubebench.errors import CubebenchError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# every version this cubebench reads, with its schema file (the written one is SCHEMA_VERSION)
+SCHEMAS = {1: "result-v1.schema.json", 2: "result-v2.schema.json"}
 RUN_MANIFEST = "run.json"
 ENVIRONMENT = "environment.json"
-NOT_RESULTS = {RUN_MANIFEST, ENVIRONMENT}
+SUMMARY = "summary.json"  # written by the report: aggregates over repeats, comparisons
+NOT_RESULTS = {RUN_MANIFEST, ENVIRONMENT, SUMMARY}
 
 # what the environment manifest reports versions of, when installed
 PACKAGES = (
@@ -86,29 +91,96 @@ def _jsonable(value: Any) -> Any:
 
 
 @cache
-def schema() -> dict:
-    text = resources.files("cubebench").joinpath("schemas/result-v1.schema.json").read_text()
+def schema(version: int = SCHEMA_VERSION) -> dict:
+    """The JSON Schema of result files of `version` (one of SCHEMAS)."""
+    text = resources.files("cubebench").joinpath(f"schemas/{SCHEMAS[version]}").read_text()
     return json.loads(text)
 
 
 def validate(result: dict, source: Path | str | None = None) -> None:
-    """Raise CubebenchError naming the file (or case) and the first schema violation."""
+    """Raise CubebenchError naming the file (or case) and the first schema violation.
+
+    Each result is checked against the schema of its own `schema_version` (any of SCHEMAS):
+    a run written by an earlier cubebench stays readable."""
     import jsonschema
 
     if not isinstance(result, dict):
         raise CubebenchError(f"{source or 'result'} is not a JSON object")
     version = result.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version not in SCHEMAS:
+        readable = ", ".join(str(v) for v in SCHEMAS)
         raise CubebenchError(
             f"{source or 'result'}: unknown schema_version {version!r} "
-            f"(this cubebench reads {SCHEMA_VERSION})"
+            f"(this cubebench reads {readable})"
         )
     try:
-        jsonschema.validate(result, schema())
+        jsonschema.validate(result, schema(version))
     except jsonschema.ValidationError as error:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         what = source or f"result {result.get('case', '?')!r}"
         raise CubebenchError(f"{what} breaks the schema at {where}: {error.message}") from None
+
+
+def new_result(
+    *,
+    run_id: str,
+    case: str,
+    library: str,
+    task: str,
+    params: dict,
+    seed: int,
+    split_seed: int,
+    repeat: int,
+    threads: int,
+    world_size: int,
+    device: str,
+    cube_spec: str,
+    environment: dict,
+    library_version: str | None = None,
+    started_at: str | None = None,
+) -> dict:
+    """A case's result with every key the schema knows, each measured value null: the one
+    builder of result records (the worker fills it in; the runner writes it, failed, for a
+    worker that could not; an inline run fills it as the worker does)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "case": case,
+        "library": library,
+        "library_version": library_version,
+        "task": task,
+        "status": "failed",
+        "reason": None,
+        "device": device,
+        "params": params,
+        "seed": seed,
+        "split_seed": split_seed,
+        "repeat": repeat,
+        "threads": threads,
+        "world_size": world_size,
+        "started_at": started_at,
+        "finished_at": None,
+        "metrics": None,
+        "timing": dict.fromkeys(
+            ("prepare_s", "warmup_s", "fit_s", "probe_s", "predict_s", "total_s")
+        ),
+        "throughput": dict.fromkeys(
+            ("train_samples", "train_samples_per_s", "predict_samples_per_s")
+        ),
+        "loading": dict.fromkeys(
+            ("stall_fraction", "stall_ci95", "stall_method", "wait_fraction", "read_amplification")
+        ),
+        "time_to_quality": None,
+        "memory": {"peak_rss_mb": None, "gpu_peak_mb": None},
+        "epochs": [],
+        "cube": {"spec": cube_spec, "fingerprint": None, "chunk_shape": None},
+        "environment": environment,
+    }
+
+
+def result_name(case: str, repeat: int = 0) -> str:
+    """The file stem of a case's result: `case` for repeat 0, `case@i` after."""
+    return case if repeat == 0 else f"{case}@{repeat}"
 
 
 def _version(name: str) -> str | None:
@@ -181,7 +253,9 @@ def environment_manifest(threads: int, seed: int, env: dict[str, str] | None = N
 
 
 def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
-    """(run manifest, case results in the manifest's order) of a results directory."""
+    """(run manifest, results) of a results directory: every result file (`<case>.json`,
+    `<case>@<i>.json`; not the manifest, environment or summary), validated, in the manifest's
+    case order (cases it does not list after, by name), each case's repeats in order."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CubebenchError(f"no results directory at {run_dir}")
@@ -197,8 +271,14 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
             continue
         results.append(load_result(path))
     order = {name: i for i, name in enumerate(manifest.get("cases", []))}
-    results.sort(key=lambda r: (order.get(r["case"], len(order)), r["case"]))
+    results.sort(key=lambda r: (order.get(r["case"], len(order)), r["case"], _repeat_of(r)))
     return manifest, results
+
+
+def _repeat_of(result: dict) -> int:
+    """The result's repeat index; 0 for version 1 results, which had none."""
+    repeat = result.get("repeat", 0)
+    return repeat if isinstance(repeat, int) and not isinstance(repeat, bool) else 0
 
 
 def read_environment(run_dir: Path) -> dict:

@@ -8,7 +8,6 @@ signal (OOM killer, SIGKILL) becomes a failed result with the reason, and the su
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import secrets
@@ -27,73 +26,9 @@ from cubebench import results
 from cubebench.case import Case
 from cubebench.errors import CubebenchError
 from cubebench.locks import file_lock
+from cubebench.processes import RUNNER_PID_ENV, STORAGE_OPTIONS_ENV, exit_reason, worker_env
 from cubebench.redact import scrub
 from cubebench.tracking import SuiteTracker
-from cubebench.worker import RUNNER_PID_ENV, STORAGE_OPTIONS_ENV
-
-THREAD_VARIABLES = (
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "NUMBA_NUM_THREADS",
-    "TF_NUM_INTRAOP_THREADS",
-)
-
-
-def default_cases_dir() -> Path:
-    """`$CUBEBENCH_CASES_DIR`, else `cases/` of the source tree, else `./cases`."""
-    if env := os.environ.get("CUBEBENCH_CASES_DIR"):
-        return Path(env)
-    in_tree = Path(__file__).resolve().parents[2] / "cases"
-    return in_tree if in_tree.is_dir() else Path("cases")
-
-
-def load_case_class(path: Path) -> type[Case]:
-    """The `Case` class of one case file (imported by path: cases/ is not a package)."""
-    name = f"cubebench_case_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise CubebenchError(f"cannot import case file {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as error:  # a broken case file is a user mistake: one line, no traceback
-        del sys.modules[name]
-        raise CubebenchError(f"case file {path}: {type(error).__name__}: {error}") from None
-    cls = getattr(module, "Case", None)
-    if not (isinstance(cls, type) and issubclass(cls, Case)) or not getattr(cls, "name", None):
-        raise CubebenchError(f"{path} defines no `Case` class with a name")
-    return cls
-
-
-def discover(cases_dir: Path | None = None) -> dict[str, tuple[Path, type[Case]]]:
-    """name -> (file, class) of every case file, in file order."""
-    cases_dir = Path(cases_dir or default_cases_dir())
-    if not cases_dir.is_dir():
-        raise CubebenchError(f"no cases directory at {cases_dir}")
-    found: dict[str, tuple[Path, type[Case]]] = {}
-    for path in sorted(cases_dir.glob("*.py")):
-        if path.name.startswith("_"):
-            continue
-        cls = load_case_class(path)
-        if cls.name in found:
-            first = found[cls.name][0]
-            raise CubebenchError(f"case {cls.name!r} is defined twice: {first}, {path}")
-        found[cls.name] = (path, cls)
-    return found
-
-
-def select(available: dict, wanted: str) -> list[str]:
-    if wanted == "all":
-        return list(available)
-    names = list(dict.fromkeys(n.strip() for n in wanted.split(",") if n.strip()))
-    unknown = [n for n in names if n not in available]
-    if unknown:
-        raise CubebenchError(f"unknown case(s) {unknown}; known: {', '.join(available)}")
-    if not names:
-        raise CubebenchError("no case selected")
-    return names
 
 
 def new_run_id() -> str:
@@ -106,22 +41,15 @@ class CaseOutcome:
     status: str
     reason: str | None
     seconds: float
+    repeat: int = 0
+
+    @property
+    def name(self) -> str:
+        """The result's file stem: `case`, or `case@repeat` after the first repeat."""
+        return results.result_name(self.case, self.repeat)
 
 
-Progress = Callable[[str, dict[str, Any]], None]  # (case, worker event) -> None
-
-
-def exit_reason(returncode: int, stderr_tail: str) -> str:
-    """Why a worker (or a DDP rank) ended without a result: its signal, or its last words."""
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:  # a real-time signal
-            name = f"signal {-returncode}"
-        hint = " (out of memory?)" if -returncode == signal.SIGKILL else ""
-        return f"killed by {name}{hint}"
-    last = stderr_tail.strip().splitlines()[-1] if stderr_tail.strip() else "no output"
-    return f"worker exited with code {returncode}: {last[:300]}"
+Progress = Callable[[str, dict[str, Any]], None]  # (job name, worker event) -> None
 
 
 def _tail(path: Path, size: int = 4000) -> str:
@@ -133,17 +61,6 @@ def _tail(path: Path, size: int = 4000) -> str:
         return ""
 
 
-def worker_env(threads: int) -> dict[str, str]:
-    """The environment of a worker: thread counts fixed before any library starts its pools."""
-    env = {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads))}
-    env["TF_NUM_INTEROP_THREADS"] = "1"
-    # OpenMP threads that spin between parallel regions steal the cores the loader's decode
-    # threads need: on 2 cores torch trained 5x slower with the default (active) policy
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return env
-
-
 def run_case(
     spec: dict,
     run_dir: Path,
@@ -151,8 +68,10 @@ def run_case(
     progress: Progress | None = None,
     storage_options: dict | None = None,
 ) -> CaseOutcome:
-    """One case in a worker process; returns how it ended (the result file says the rest)."""
-    name = spec["case"]
+    """One repeat of a case in a worker process; returns how it ended (the result file says
+    the rest)."""
+    case, repeat = spec["case"], int(spec.get("repeat", 0))
+    name = results.result_name(case, repeat)
     spec_path = run_dir / "specs" / f"{name}.json"
     results.write_json_atomic(spec_path, spec)
     log_path = run_dir / "logs" / f"{name}.log"
@@ -190,13 +109,13 @@ def run_case(
     result_path = Path(spec["result_path"])
     if result_path.exists():  # the run dir is new: only this worker wrote it, atomically
         written = json.loads(result_path.read_text())
-        return CaseOutcome(name, written["status"], written["reason"], seconds)
+        return CaseOutcome(case, written["status"], written["reason"], seconds, repeat)
     if timed_out:
         reason = f"timed out after {timeout:g} s"
     else:
         reason = exit_reason(returncode, _tail(log_path))
     results.write_json_atomic(result_path, failed_result(spec, reason, seconds))
-    return CaseOutcome(name, "failed", reason, seconds)
+    return CaseOutcome(case, "failed", reason, seconds, repeat)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -204,7 +123,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _read_events(proc: subprocess.Popen, case: str, progress: Progress | None) -> None:
+def _read_events(proc: subprocess.Popen, name: str, progress: Progress | None) -> None:
     """Forward the worker's events; keep draining its stdout whatever happens (a full pipe
     would block the worker)."""
     assert proc.stdout is not None
@@ -215,37 +134,31 @@ def _read_events(proc: subprocess.Popen, case: str, progress: Progress | None) -
             continue  # a library printed to stdout: not ours
         if progress and isinstance(event, dict):
             try:
-                progress(case, event)
+                progress(name, event)
             except Exception:  # a display problem must not stop the case
                 progress = None
 
 
 def failed_result(spec: dict, reason: str, seconds: float) -> dict:
     """The result of a case whose worker could not write one (timeout, signal, crash)."""
-    result = {
-        "schema_version": results.SCHEMA_VERSION,
-        "run_id": spec["run_id"],
-        "case": spec["case"],
-        "library": spec["library"],
-        "library_version": None,
-        "task": spec["task"],
-        "status": "failed",
-        "reason": reason,
-        "device": spec["device"] if spec["device"] != "auto" else "cpu",
-        "params": spec["params"],
-        "seed": spec["seed"],
-        "threads": spec["threads"],
-        "world_size": spec.get("nproc", 1),
-        "finished_at": results.now(),
-        "metrics": None,
-        "timing": {"warmup_s": None, "fit_s": None, "predict_s": None, "total_s": seconds},
-        "throughput": {"train_samples_per_s": None, "predict_samples_per_s": None},
-        "loading": {"stall_fraction": None, "read_amplification": None},
-        "memory": {"peak_rss_mb": None},
-        "epochs": [],
-        "cube": {"spec": scrub(spec["cube"]), "fingerprint": None, "chunk_shape": None},
-        "environment": spec["environment"],
-    }
+    result = results.new_result(
+        run_id=spec["run_id"],
+        case=spec["case"],
+        library=spec["library"],
+        task=spec["task"],
+        params=spec["params"],
+        seed=spec["seed"],
+        split_seed=spec["split_seed"],
+        repeat=spec.get("repeat", 0),
+        threads=spec["threads"],
+        world_size=spec.get("nproc", 1),
+        device=spec["device"] if spec["device"] != "auto" else "cpu",
+        cube_spec=scrub(spec["cube"]),
+        environment=spec["environment"],
+    )
+    result["reason"] = reason
+    result["timing"]["total_s"] = round(seconds, 3)
+    result["finished_at"] = results.now()
     results.validate(result)
     return result
 
@@ -303,24 +216,45 @@ def resume_settings(out: Path, run_id: str) -> dict[str, Any]:
     settings = {k: manifest[k] for k in RESUMED_SETTINGS}
     settings["timeout"] = settings.pop("timeout_s")
     settings["nproc"] = manifest.get("nproc", 1)  # runs from before `--nproc` had one rank
+    settings["repeat"] = manifest.get("repeat", 1)  # ... and before `--repeat`, one repeat
+    settings["vary_split"] = manifest.get("vary_split", False)
     return settings
 
 
-def finished_cases(run_dir: Path, cases: list[str]) -> dict[str, CaseOutcome]:
-    """Cases of `cases` with a result file (written atomically: present means complete)."""
+def jobs(cases: list[str], repeat: int) -> list[tuple[str, int]]:
+    """(case, repeat) in the order they run: repeat 0 of every case, then repeat 1, ...: each
+    case's repeats are spread over the run, so a slow stretch of a shared machine falls on
+    every case alike instead of on one case's repeats."""
+    return [(case, r) for r in range(repeat) for case in cases]
+
+
+def finished_jobs(run_dir: Path, todo: list[tuple[str, int]]) -> dict[str, CaseOutcome]:
+    """Jobs of `todo` with a result file (written atomically: present means complete)."""
     done = {}
-    for name in cases:
+    for case, repeat in todo:
+        name = results.result_name(case, repeat)
         path = Path(run_dir) / f"{name}.json"
         if path.is_file():
             result = results.load_result(path)
             seconds = (result.get("timing") or {}).get("total_s") or 0.0
-            done[name] = CaseOutcome(name, result["status"], result["reason"], seconds)
+            done[name] = CaseOutcome(case, result["status"], result["reason"], seconds, repeat)
     return done
 
 
 def _environment_changes(before: dict, after: dict) -> list[str]:
     keys = ("python", "platform", "packages", "cpu", "gpu", "git_sha", "image")
     return [k for k in keys if before.get(k) != after.get(k)]
+
+
+def split_seeds(cls: type[Case], repeat: int, vary_split: bool) -> list[int | None]:
+    """The split seed of each repeat: the task's own every time (None), or with `vary_split`
+    the task's seed + repeat."""
+    if not vary_split:
+        return [None] * repeat
+    from cubebench.task import get_task
+
+    base = get_task(cls.task).seed
+    return [base + r for r in range(repeat)]
 
 
 def run_suite(
@@ -335,13 +269,16 @@ def run_suite(
     threads: int | None = None,
     timeout: float = 1800.0,
     nproc: int = 1,
+    repeat: int = 1,
+    vary_split: bool = False,
     storage_options: dict | None = None,
     progress: Progress | None = None,
     tracker: SuiteTracker | None = None,
     resume: bool = False,
 ) -> list[CaseOutcome]:
-    """Run `cases` one after another, each in its own worker, into `run_dir` (claimed, or
-    with `resume` an earlier run's: only cases without a result file run).
+    """Run `cases`, each `repeat` times (seeds seed .. seed + repeat - 1; `vary_split`: the
+    task's split seed moves with them), one worker per repeat, into `run_dir` (claimed, or
+    with `resume` an earlier run's: only repeats without a result file run).
 
     `nproc` > 1: the cases that declare `distributed` train with torch DDP on that many ranks
     (torchrun), which share the thread budget; the others run as usual.
@@ -369,6 +306,8 @@ def run_suite(
             "seed": seed,
             "threads": threads,
             "nproc": nproc,
+            "repeat": repeat,
+            "vary_split": vary_split,
             "timeout_s": timeout,
             "started_at": results.now(),
             "finished_at": None,
@@ -378,16 +317,21 @@ def run_suite(
     results.write_json_atomic(manifest_path, manifest)
     if tracker:
         tracker.suite_started(manifest, environment)
-    done = finished_cases(run_dir, cases) if resume else {}
+    todo = jobs(cases, repeat)
+    done = finished_jobs(run_dir, todo) if resume else {}
+    seeds = {c: split_seeds(available[c][1], repeat, vary_split) for c in cases}
     outcomes = []
     try:
-        for name in cases:
+        for case, r in todo:
+            name = results.result_name(case, r)
             if name in done:
                 outcome = done[name]
             else:
                 outcome = _run_one(
-                    name,
-                    available[name],
+                    case,
+                    r,
+                    seeds[case][r],
+                    available[case],
                     cube,
                     run_dir,
                     manifest,
@@ -399,6 +343,8 @@ def run_suite(
             outcomes.append(outcome)
             manifest["outcomes"][name] = {"status": outcome.status, "reason": outcome.reason}
             results.write_json_atomic(manifest_path, manifest)
+            if tracker and r == repeat - 1:
+                tracker.case_finished(case, [results.result_name(case, k) for k in range(repeat)])
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the finished cases stay, `--resume` goes on
         with contextlib.suppress(OSError):
             results.write_json_atomic(manifest_path, {**manifest, "status": "interrupted"})
@@ -409,7 +355,9 @@ def run_suite(
 
 
 def _run_one(
-    name: str,
+    case: str,
+    repeat: int,
+    split_seed: int | None,
     found: tuple[Path, type[Case]],
     cube: str,
     run_dir: Path,
@@ -423,29 +371,36 @@ def _run_one(
     epochs = manifest["epochs"]
     nproc = manifest.get("nproc", 1) if cls.distributed else 1
     params = {"epochs": epochs} if epochs is not None and "epochs" in cls.parameters else {}
+    name = results.result_name(case, repeat)
     spec = {
         "run_id": manifest["run_id"],
-        "case": name,
+        "case": case,
+        "repeat": repeat,
         "case_path": str(path.resolve()),
         "library": cls.library,
         "task": cls.task,
         "params": {**cls.parameters, **params},
         "cube": cube,  # the manifest's copy is scrubbed of credentials
         "device": manifest["device"],
-        "seed": manifest["seed"],
+        "seed": manifest["seed"] + repeat,
+        "split_seed": split_seed,
         "threads": max(1, manifest["threads"] // nproc),  # per rank: they share the budget
         "nproc": nproc,
         "environment": environment,
         "tensorboard_dir": str(run_dir / "tb" / name),
         "result_path": str(run_dir / f"{name}.json"),
     }
+    if spec["split_seed"] is None:  # the result records the seed of the split it was scored on
+        from cubebench.task import get_task
+
+        spec["split_seed"] = get_task(cls.task).seed
     if progress:
         progress(name, {"event": "start"})
     if tracker:
-        tracker.case_started(manifest["run_id"], name)
+        tracker.job_started(case, repeat)
     outcome = run_case(spec, run_dir, manifest["timeout_s"], progress, storage_options)
     if tracker:
-        tracker.case_finished(name, Path(spec["result_path"]))
+        tracker.job_finished(case, repeat, Path(spec["result_path"]))
     if progress:
         progress(name, {"event": "end", "status": outcome.status, "reason": outcome.reason})
     return outcome

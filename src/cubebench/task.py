@@ -8,11 +8,12 @@
 * blocks holding at least one valid sample are ranked by a seeded hash and assigned to
   train / val / test in the requested fractions (or, in `region` mode, by source and target box);
 * normalisation statistics come from **train blocks only**, in one NaN-safe dask pass that also
-  counts the valid samples of every block (on a `distributed` cluster when one is given).
+  counts the valid samples of every block and chunk (on a `distributed` cluster when one is given).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import numbers
@@ -337,6 +338,17 @@ def block_samples(
     `origin` is the block's first (time, lat, lon) index. A pixel is valid when it lies in the
     selection and every input and the target are finite.
     """
+    valid = valid_mask(inputs, target, selection, origin)
+    return _samples_of(valid, inputs, target, coords, coord_features, origin)
+
+
+def valid_mask(
+    inputs: Sequence[np.ndarray],
+    target: np.ndarray,
+    selection: Selection,
+    origin: tuple[int, int, int],
+) -> np.ndarray:
+    """The block's valid pixels: in the selection, every input and the target finite."""
     nt, ny, nx = target.shape
     t0, y0, x0 = origin
     sel = (
@@ -347,6 +359,18 @@ def block_samples(
     valid = sel & np.isfinite(target)
     for a in inputs:
         valid &= np.isfinite(a)
+    return valid
+
+
+def _samples_of(
+    valid: np.ndarray,
+    inputs: Sequence[np.ndarray],
+    target: np.ndarray,
+    coords: CoordArrays,
+    coord_features: Sequence[str],
+    origin: tuple[int, int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    t0, y0, x0 = origin
     it, iy, ix = np.nonzero(valid)
     columns = [a[valid].astype(np.float64) for a in inputs]
     per_axis = {
@@ -401,23 +425,24 @@ def _block_stats(
     origin: tuple[int, int, int],
     patch: Patch | None = None,
     seed: int = 0,
-) -> tuple[Moments, tuple | None]:
-    """The block's moments and, for the patch geometry, its target pixels per cell."""
-    x, y = block_samples(inputs, target, coords, selection, coord_features, origin)
+    chunk_starts: tuple[np.ndarray, ...] | None = None,
+) -> tuple[Moments, tuple | None, np.ndarray | None]:
+    """The block's moments; for the patch geometry, its target pixels per cell; and, given
+    the offsets of its chunks' starts along each axis (`chunk_starts`, from 0), the valid
+    samples of each of its chunks as a (chunks along time, lat, lon) array."""
+    valid = valid_mask(inputs, target, selection, origin)
+    x, y = _samples_of(valid, inputs, target, coords, coord_features, origin)
     moments = Moments.of(np.column_stack([x, y]))
+    per_chunk = None
+    if chunk_starts is not None:
+        per_chunk = valid.astype(np.int64)
+        for axis, starts in enumerate(chunk_starts):
+            per_chunk = np.add.reduceat(per_chunk, np.asarray(starts, np.intp), axis=axis)
     if patch is None:
-        return moments, None
+        return moments, None, per_chunk
     ts, ys, xs = (slice(o, o + n) for o, n in zip(origin, target.shape))
-    valid = (
-        np.isfinite(target)
-        & selection.time[ts, None, None]
-        & selection.lat[None, ys, None]
-        & selection.lon[None, None, xs]
-    )
-    for a in inputs:
-        valid &= np.isfinite(a)
     targets = valid & hidden_mask(patch, seed, ts, ys, xs)
-    return moments, cell_counts(targets, origin, patch.step)
+    return moments, cell_counts(targets, origin, patch.step), per_chunk
 
 
 # --- the prepared task ----------------------------------------------------------------------
@@ -446,6 +471,11 @@ class PreparedTask:
     blocks_without_samples: int
     blocks_in_both_boxes: int = 0
     windows: Windows | None = None  # patch geometry: the windows of every part
+    # part -> {chunk index (time, lat, lon): valid pixels of that chunk in the part}, for
+    # every chunk of the part's blocks (0 included); sums to `samples` for the pixel geometry
+    chunk_samples: dict[str, dict[tuple[int, int, int], int]] = dataclasses.field(
+        default_factory=dict
+    )
 
     @property
     def block_grid(self) -> tuple[int, int, int]:
@@ -525,7 +555,7 @@ class PreparedTask:
 
     def _repr_html_(self) -> str:
         """The summary as a table (Jupyter)."""
-        from cubebench.report import facts_table
+        from cubebench.display import facts_table
 
         return facts_table(self.summary(), f"prepared task {self.spec.name}")
 
@@ -658,6 +688,17 @@ def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None)
 
     arrays = [ds[v].data for v in spec.inputs]
     tgt_data = target.data
+    chunk_edges = [np.concatenate([[0], np.cumsum(c)]).astype(np.int64) for c in chunks]
+
+    def first_chunks(block) -> tuple[tuple[int, ...], tuple[np.ndarray, ...]]:
+        """The block's first chunk index per axis, and its chunks' starts from the block's."""
+        first, starts = [], []
+        for e, w in zip(chunk_edges, slices(block)):
+            lo, hi = np.searchsorted(e, [w.start, w.stop])
+            first.append(int(lo))
+            starts.append(e[lo:hi] - w.start)
+        return tuple(first), tuple(starts)
+
     tasks = []
     keys = []
     for group, blocks in candidates.items():
@@ -673,6 +714,7 @@ def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None)
                     (ts.start, ys.start, xs.start),
                     spec.patch,
                     spec.seed,
+                    first_chunks(block)[1],
                 )
             )
             keys.append((group, block))
@@ -681,7 +723,8 @@ def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None)
     except Exception:  # a corrupted chunk fails deep in a codec: say which variable and chunk
         raise_unreadable_chunk(ds, names, (slices(block) for _, block in keys))
         raise
-    by_block = {key: m for key, (m, _) in zip(keys, computed)}
+    by_block = {key: m for key, (m, _, _) in zip(keys, computed)}
+    per_chunk = {key: counts for key, (_, _, counts) in zip(keys, computed)}
 
     assigned: dict[str, list] = {}
     empty = 0
@@ -702,10 +745,19 @@ def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None)
     samples = {
         p: int(sum(by_block[(group_of[p], tuple(b))].n for b in blocks[p])) for p in spec.parts
     }
+    chunk_samples: dict[str, dict[tuple[int, int, int], int]] = {}
+    for p in spec.parts:
+        chunk_samples[p] = {}
+        for b in blocks[p]:
+            first = first_chunks(tuple(b))[0]
+            counts = per_chunk[(group_of[p], tuple(b))]
+            for local in np.ndindex(*counts.shape):
+                chunk = tuple(f + i for f, i in zip(first, local))
+                chunk_samples[p][chunk] = int(counts[local])  # type: ignore[index]
     windows = None
     if spec.patch is not None:
         shape = tuple(int(n) for n in target.shape)
-        windows = _windows(spec, shape, edges, grid, blocks, [c for _, c in computed])
+        windows = _windows(spec, shape, edges, grid, blocks, [c for _, c, _ in computed])
         samples = {p: len(windows.origins[p]) for p in spec.parts}
     train = Moments(0, np.zeros(len(spec.features) + 1), np.zeros(len(spec.features) + 1))
     for b in blocks["train"]:
@@ -737,6 +789,7 @@ def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None)
         blocks_without_samples=empty,
         blocks_in_both_boxes=in_both,
         windows=windows,
+        chunk_samples=chunk_samples,
     )
     return prepared
 

@@ -32,7 +32,8 @@ STORE_DB = "mlflow.db"
 STORE_ARTIFACTS = "mlartifacts"
 TAG_RUN_ID = "cubebench.run_id"
 TAG_CASE = "cubebench.case"
-TAG_ROLE = "cubebench.role"  # suite | case
+TAG_ROLE = "cubebench.role"  # suite | case | repeat
+TAG_REPEAT = "cubebench.repeat"  # the repeat index of a `repeat` run
 TAG_COMPLETE = "cubebench.complete"  # "true" once everything of the run is logged
 # A dead server must cost seconds, not mlflow's default of 7 retries with backoff (minutes).
 HTTP_DEFAULTS = {
@@ -89,7 +90,39 @@ def _find_runs(client, experiment_id: str, run_id: str, role: str, case: str | N
     query = f"tags.`{TAG_RUN_ID}` = '{run_id}' and tags.`{TAG_ROLE}` = '{role}'"
     if case is not None:
         query += f" and tags.`{TAG_CASE}` = '{case}'"
-    return client.search_runs([experiment_id], filter_string=query, max_results=100)
+    return client.search_runs([experiment_id], filter_string=query, max_results=1000)
+
+
+# the figures a case's runs are compared by; with repeats the case's run holds their
+# mean, standard deviation and 95 % interval (its repeats are nested runs under it)
+AGGREGATED = {
+    "rmse": ("metrics", "rmse"),
+    "rmse_over_noise_floor": ("metrics", "rmse_over_noise_floor"),
+    "train_samples_per_s": ("throughput", "train_samples_per_s"),
+    "fit_s": ("timing", "fit_s"),
+    "stall_fraction": ("loading", "stall_fraction"),
+}
+
+
+def aggregate_metrics(case_results: list[dict]) -> dict[str, float]:
+    """`<figure>.mean|sd|ci95_low|ci95_high|n` over the ok repeats of one case, plus
+    `repeats.ok` and `repeats.failed`."""
+    from cubebench.stats import summarize
+
+    ok = [r for r in case_results if r.get("status") == "ok"]
+    out = {"repeats.ok": float(len(ok)), "repeats.failed": float(len(case_results) - len(ok))}
+    for name, path in AGGREGATED.items():
+        values = []
+        for r in ok:
+            value: Any = r
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            values.append(value)
+        summary = summarize(values)
+        for key in ("mean", "sd", "ci95_low", "ci95_high", "n"):
+            if isinstance(summary.get(key), int | float):
+                out[f"{name}.{key}"] = float(summary[key])
+    return out
 
 
 # --- what a run holds -------------------------------------------------------------------------
@@ -120,6 +153,8 @@ def case_params(result: dict) -> dict[str, str]:
         "threads": result["threads"],
         "world_size": result.get("world_size", 1),
         "seed": result["seed"],
+        "split_seed": result.get("split_seed"),
+        "repeat": result.get("repeat"),
     }
     return {k: str(v) for k, v in scrub_tree(params).items() if v is not None}
 
@@ -128,7 +163,7 @@ def case_metrics(result: dict) -> dict[str, float]:
     """Every number of the result (except its identity and inputs), keyed by its path; the
     accuracy metrics keep their bare names (`rmse`, `by_predictor.scratch.rmse`)."""
     out = dict(_numbers(result.get("metrics") or {}))
-    for section in ("timing", "throughput", "loading", "memory"):
+    for section in ("timing", "throughput", "loading", "memory", "time_to_quality"):
         out.update(_numbers(result.get(section) or {}, f"{section}."))
     return out
 
@@ -188,6 +223,7 @@ def suite_tags(manifest: dict, environment: dict) -> dict[str, str]:
 
 def suite_params(manifest: dict) -> dict[str, str]:
     keys = ("cube", "cases", "device", "epochs", "seed", "threads", "nproc", "timeout_s")
+    keys += ("repeat", "vary_split")
     values = scrub_tree({k: manifest.get(k) for k in keys})
     return {k: ",".join(v) if isinstance(v, list) else str(v) for k, v in values.items()}
 
@@ -232,9 +268,10 @@ class Store:
         return run.info.run_id
 
     def start_case(self, parent: str, run_id: str, case: str) -> str:
-        """A fresh nested run for a case, replacing a half-logged one."""
-        for stale in _find_runs(self.client, self.experiment_id, run_id, "case", case):
-            self.client.delete_run(stale.info.run_id)
+        """A fresh nested run for a case, replacing a half-logged one (and its repeats)."""
+        for role in ("case", "repeat"):
+            for stale in _find_runs(self.client, self.experiment_id, run_id, role, case):
+                self.client.delete_run(stale.info.run_id)
         tags = {
             "mlflow.parentRunId": parent,
             "mlflow.runName": case,
@@ -245,8 +282,34 @@ class Store:
         }
         return self.client.create_run(self.experiment_id, tags=tags).info.run_id
 
+    def start_repeat(self, case_run: str, run_id: str, case: str, repeat: int) -> str:
+        """A fresh run for one repeat of a case, nested under the case's run."""
+        tags = {
+            "mlflow.parentRunId": case_run,
+            "mlflow.runName": f"{case} #{repeat}",
+            TAG_RUN_ID: run_id,
+            TAG_CASE: case,
+            TAG_ROLE: "repeat",
+            TAG_REPEAT: str(repeat),
+            TAG_COMPLETE: "false",
+        }
+        return self.client.create_run(self.experiment_id, tags=tags).info.run_id
+
+    def finish_aggregate(self, case_run: str, case_results: list[dict]) -> None:
+        """The case's run over its repeats: parameters, the aggregate figures, complete."""
+        ok = [r for r in case_results if r["status"] == "ok"]
+        _log(
+            self.client,
+            case_run,
+            params=case_params(case_results[0]) | {"repeats": str(len(case_results))},
+            metrics=aggregate_metrics(case_results),
+            tags={"status": "ok" if ok else "failed"},
+        )
+        self.client.set_tag(case_run, TAG_COMPLETE, "true")
+        self.client.set_terminated(case_run, "FINISHED" if ok else "FAILED")
+
     def finish_case(self, mlflow_run: str, run_dir: Path, result: dict) -> None:
-        """Log the case's result into its run, then mark the run complete."""
+        """Log a result (a case's, or one repeat's) into its run, then mark it complete."""
         client = self.client
         tags = {"status": result["status"]}
         if result.get("reason"):
@@ -259,7 +322,7 @@ class Store:
             steps=epoch_metrics(result),
             tags=tags,
         )
-        name = result["case"]
+        name = results.result_name(result["case"], result.get("repeat", 0))
         for path in (run_dir / f"{name}.json", run_dir / results.ENVIRONMENT):
             if path.exists():
                 _log_artifact_text(client, mlflow_run, path)
@@ -298,22 +361,34 @@ class SyncSummary:
 
 
 def sync(run_dir: Path, experiment: str = EXPERIMENT) -> SyncSummary:
-    """Push every case of a run dir that the store does not hold complete; idempotent."""
+    """Push every case of a run dir that the store does not hold complete; idempotent. A case
+    with repeats goes as its run (the aggregate) with one nested run per repeat."""
     run_dir = Path(run_dir)
     manifest, case_results = results.load_run(run_dir)
     environment = results.read_environment(run_dir)
+    by_case: dict[str, list[dict]] = {}
+    for result in case_results:
+        by_case.setdefault(result["case"], []).append(result)
     try:
         store = Store.open(run_dir.parent, experiment)
         parent = store.parent(run_dir, manifest, environment)
         summary = SyncSummary(store.uri)
         done = store.complete_cases(manifest["run_id"])
-        for result in case_results:
-            name = result["case"]
+        repeated = int(manifest.get("repeat", 1)) > 1
+        for name, found in by_case.items():
             if name in done:
                 summary.already.append(name)
                 continue
-            mlflow_run = store.start_case(parent, manifest["run_id"], name)
-            store.finish_case(mlflow_run, run_dir, result)
+            case_run = store.start_case(parent, manifest["run_id"], name)
+            if not repeated:
+                store.finish_case(case_run, run_dir, found[0])
+            else:
+                for result in found:
+                    repeat_run = store.start_repeat(
+                        case_run, manifest["run_id"], name, result["repeat"]
+                    )
+                    store.finish_case(repeat_run, run_dir, result)
+                store.finish_aggregate(case_run, found)
             summary.pushed.append(name)
         if not store.suite_complete(manifest["run_id"]) and manifest.get("status") == "finished":
             store.finish_suite(parent, run_dir, manifest)
@@ -345,6 +420,9 @@ class SuiteTracker:
         self.store: Store | None = None
         self.parent: str | None = None
         self.case_runs: dict[str, str] = {}
+        self.job_runs: dict[tuple[str, int], str] = {}
+        self.run_id = self.run_dir.name
+        self.repeats = 1
         self.synced: list[str] = []
         self._monitor = None
         self.offline_reason: str | None = None
@@ -365,30 +443,52 @@ class SuiteTracker:
             )
 
     def suite_started(self, manifest: dict, environment: dict) -> None:
+        self.repeats = int(manifest.get("repeat", 1))
         try:
             self.store = Store.open(self.run_dir.parent, self.experiment)
             self.parent = self.store.parent(self.run_dir, manifest, environment)
         except Exception as error:
             self._fail(error)
 
-    def case_started(self, run_id: str, case: str) -> None:
+    def job_started(self, case: str, repeat: int = 0) -> None:
+        """A repeat of a case starts: its run (nested under the case's run when the suite has
+        repeats), with this machine's system metrics sampled while it runs."""
         if not self.online or self.store is None or self.parent is None:
             return
         try:
-            mlflow_run = self.store.start_case(self.parent, run_id, case)
-            self.case_runs[case] = mlflow_run
+            if repeat == 0 or case not in self.case_runs:
+                self.case_runs[case] = self.store.start_case(self.parent, self.run_id, case)
+            mlflow_run = self.case_runs[case]
+            if self.repeats > 1:
+                mlflow_run = self.store.start_repeat(mlflow_run, self.run_id, case, repeat)
+            self.job_runs[(case, repeat)] = mlflow_run
             self._start_monitor(mlflow_run)
         except Exception as error:
             self._fail(error)
 
-    def case_finished(self, case: str, result_path: Path) -> None:
+    def job_finished(self, case: str, repeat: int, result_path: Path) -> None:
         self._stop_monitor()
-        mlflow_run = self.case_runs.get(case)
+        mlflow_run = self.job_runs.get((case, repeat))
         if not self.online or self.store is None or mlflow_run is None:
             return
         try:
             result = results.load_result(result_path)
             self.store.finish_case(mlflow_run, self.run_dir, result)
+            if self.repeats == 1:
+                self.synced.append(case)
+        except Exception as error:
+            self._fail(error)
+
+    def case_finished(self, case: str, names: list[str]) -> None:
+        """Every repeat of `case` has a result: with repeats, its run gets their aggregate."""
+        case_run = self.case_runs.get(case)
+        if self.repeats == 1 or not self.online or self.store is None or case_run is None:
+            return
+        if len([k for k in self.job_runs if k[0] == case]) < len(names):
+            return  # some repeats ran in an earlier attempt: `sync` pushes the whole case
+        try:
+            found = [results.load_result(self.run_dir / f"{n}.json") for n in names]
+            self.store.finish_aggregate(case_run, found)
             self.synced.append(case)
         except Exception as error:
             self._fail(error)

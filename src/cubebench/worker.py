@@ -9,33 +9,25 @@ raises; stdout carries one JSON progress event per line for the runner's progres
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
-import random
-import resource
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from cubebench import ranks, results
-from cubebench.case import Case, Context
-from cubebench.metrics import RegressionMetrics
-from cubebench.redact import scrub
+from cubebench.discovery import load_case_class
+from cubebench.measure import run_case
+from cubebench.processes import (
+    RANK_RESULTS_ENV,
+    RUNNER_PID_ENV,
+    STORAGE_OPTIONS_ENV,
+    exit_reason,
+)
 
-# storage options travel in the environment, never in a file: they may hold credentials
-STORAGE_OPTIONS_ENV = "CUBEBENCH_STORAGE_OPTIONS"
-RUNNER_PID_ENV = "CUBEBENCH_RUNNER_PID"
-RANK_RESULTS_ENV = "CUBEBENCH_RANK_RESULTS"  # where DDP ranks leave results for their launcher
 PR_SET_PDEATHSIG = 1
 
 
@@ -59,231 +51,30 @@ def emit(event: str, **fields: Any) -> None:
         print(json.dumps({"event": event, **fields}), flush=True)
 
 
-def _cuda_present() -> bool:
-    if not shutil.which("nvidia-smi"):
-        return False
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and "GPU" in out.stdout
-
-
-def resolve_device(requested: str, devices: tuple[str, ...]) -> str:
-    if requested == "auto":
-        return "cuda" if "cuda" in devices and _cuda_present() else "cpu"
-    if requested not in devices:
-        raise RuntimeError(f"runs on {', '.join(devices)} only, not {requested}")
-    return requested
-
-
-def evaluate(case: Case, context: Context) -> tuple[dict, float, int]:
-    """Every predictor of the case on its eval part, in physical units.
-
-    Returns (metrics of the first predictor + `by_predictor`, seconds the first predictor
-    took, samples). Predictions are denormalised with the train-only statistics. On windows
-    (patch tasks), the metrics cover the pixels to fill (the batch's mask) and the samples
-    are windows.
-    """
-    task = context.task
-    mean, std = task.target_mean, task.target_std
-    by_predictor: dict[str, dict] = {}
-    first_seconds = 0.0
-    n = 0
-    for i, (name, predict) in enumerate(case.predictors().items()):
-        stream = context.stream(case.eval_part, shuffle=False)
-        metrics = RegressionMetrics()
-        seconds, samples = 0.0, 0
-        for x, y, *mask in stream.batches(0):
-            samples += len(x)
-            start = time.perf_counter()
-            y_hat = np.asarray(predict(x), np.float64).reshape(-1)
-            seconds += time.perf_counter() - start
-            y = y.reshape(-1)
-            if mask:  # windows: only the pixels to fill count
-                keep = mask[0].reshape(-1) > 0
-                y, y_hat = y[keep], y_hat[keep]
-            metrics.update(y * std + mean, y_hat * std + mean)
-        # DDP: each rank evaluated its share; the ranks predicted in parallel
-        shares = ranks.gather((metrics, seconds, samples))
-        metrics = functools.reduce(RegressionMetrics.merge, (m for m, _, _ in shares))
-        seconds = max(s for _, s, _ in shares)
-        samples = sum(n for _, _, n in shares)
-        by_predictor[name] = metrics.result(task.noise_floor)
-        if i == 0:
-            first_seconds, n = seconds, samples
-    first = next(iter(by_predictor.values()))
-    rmse = {name: m["rmse"] for name, m in by_predictor.items()}
-    return (
-        {
-            **first,
-            "units": task.target_units,
-            "eval_part": case.eval_part,
-            "by_predictor": by_predictor,
-            **case.extra_metrics(rmse),
-        },
-        first_seconds,
-        n,
-    )
-
-
-def library_version(name: str) -> str | None:
-    from importlib import metadata
-
-    for candidate in (name, f"{name}-cpu"):  # tensorflow-cpu provides tensorflow
-        try:
-            return metadata.version(candidate)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def epoch_rows(context: Context) -> list[dict]:
-    """The epochs a case logged, as rows of its result."""
-    return [{k: v for k, v in asdict(e).items() if k != "extra"} | e.extra for e in context.epochs]
-
-
-def throughput_record(
-    context: Context, fit: float, n_eval: int, predict_seconds: float
-) -> dict[str, Any]:
-    """Training and inference samples per second of a fitted and evaluated case."""
-    train = context.train_samples or sum(e.samples for e in context.epochs) or None
-    return {
-        "train_samples": train,
-        "train_samples_per_s": train / fit if train and fit else None,
-        "predict_samples_per_s": n_eval / predict_seconds if predict_seconds else None,
-    }
-
-
-def loading_record(context: Context, fit: float) -> dict[str, Any]:
-    """What the case's training streams cost: stall, read amplification, bytes, decode time
-    (summed over DDP ranks; the stall fraction is the ranks' mean)."""
-    shares = ranks.gather(context.loading())
-    loading = sum(shares[1:], shares[0])
-    used_streams = bool(context.train_streams)
-    stall = loading.stall_seconds / (fit * len(shares)) if fit else 0.0
-    return {
-        "stall_fraction": min(1.0, stall) if used_streams else None,
-        "stall_method": (
-            ("estimated" if context.stall_estimated else "measured") if used_streams else None
-        ),
-        "read_amplification": loading.read_amplification if loading.bytes_needed else None,
-        "chunks_decoded": loading.chunks_decoded,
-        "bytes_read": loading.bytes_read,
-        "bytes_decoded": loading.bytes_decoded,
-        "decode_s": round(loading.decode_seconds, 4),
-        "time_to_first_batch_s": loading.time_to_first_batch_s,
-    }
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _gpu_peak_mb(device: str) -> float | None:
-    if device != "cuda" or "torch" not in sys.modules:
-        return None
-    import torch
-
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-
-
 def run(spec: dict) -> dict:
     """Run the case described by `spec` (written by the runner); return its result."""
-    from cubebench.cube import open_cube
-    from cubebench.runner import load_case_class
-    from cubebench.task import get_task, prepare_task
-
-    started = time.perf_counter()
-    seed, threads = int(spec["seed"]), int(spec["threads"])
-    random.seed(seed)
-    np.random.seed(seed)
     cls = load_case_class(Path(spec["case_path"]))
-    params = {**cls.parameters, **spec.get("params", {})}
-    result: dict[str, Any] = {
-        "schema_version": results.SCHEMA_VERSION,
-        "run_id": spec["run_id"],
-        "case": cls.name,
-        "library": cls.library,
-        "library_version": library_version(cls.library),
-        "task": cls.task,
-        "status": "failed",
-        "reason": None,
-        "device": "cpu",
-        "params": params,
-        "seed": seed,
-        "threads": threads,
-        "world_size": ranks.world_size(),
-        "started_at": results.now(),
-        "metrics": None,
-        "timing": {"warmup_s": None, "fit_s": None, "predict_s": None, "total_s": None},
-        "throughput": {
-            "train_samples_per_s": None,
-            "predict_samples_per_s": None,
-            "train_samples": None,
-        },
-        "loading": {"stall_fraction": None, "read_amplification": None},
-        "memory": {"peak_rss_mb": None, "gpu_peak_mb": None},
-        "epochs": [],
-        "cube": {"spec": scrub(spec["cube"]), "fingerprint": None, "chunk_shape": None},
-        "environment": spec["environment"],
-    }
-    context: Context | None = None
-    try:
-        result["device"] = device = resolve_device(spec["device"], cls.devices)
-        ranks.start(device)
-        emit("phase", phase="preparing the task")
-        storage_options = json.loads(os.environ.get(STORAGE_OPTIONS_ENV) or "null")
-        cube = open_cube(spec["cube"], storage_options)
-        task = prepare_task(get_task(cls.task), cube)  # the split is part of the task
-        result["cube"].update(fingerprint=task.fingerprint, chunk_shape=list(task.chunk_shape))
-        result["timing"]["prepare_s"] = round(time.perf_counter() - started, 3)
 
-        def on_epoch(record, of):
-            emit("epoch", epoch=record.epoch, of=of, train_loss=record.train_loss)
+    def on_epoch(record, of):
+        emit("epoch", epoch=record.epoch, of=of, train_loss=record.train_loss)
 
-        context = Context(
-            task,
-            params,
-            device=device,
-            seed=seed,
-            threads=threads,
-            tensorboard_dir=spec.get("tensorboard_dir") if ranks.rank() == 0 else None,
-            on_epoch=on_epoch,
-        )
-        case = cls(context)
-        emit("phase", phase="setting up")
-        start = time.perf_counter()
-        case.setup()
-        warmup = time.perf_counter() - start
-        emit("phase", phase="training")
-        start = time.perf_counter()
-        case.fit()
-        fit = time.perf_counter() - start
-        emit("phase", phase="evaluating")
-        metrics, predict_seconds, n_eval = evaluate(case, context)
-        result.update(status="ok", metrics=metrics, epochs=epoch_rows(context))
-        result["timing"].update(
-            warmup_s=round(warmup, 4), fit_s=round(fit, 4), predict_s=round(predict_seconds, 4)
-        )
-        result["throughput"].update(throughput_record(context, fit, n_eval, predict_seconds))
-        result["loading"] = loading_record(context, fit)
-        peak_rss = sum(ranks.gather(_peak_rss_mb()))  # every rank's footprint
-    except Exception as error:  # the case failed: say why in one line, keep the traceback
-        sys.stderr.write(scrub(traceback.format_exc()))  # the log keeps the traceback
-        where = f"rank {ranks.rank()}: " if ranks.world_size() > 1 else ""
-        result["reason"] = scrub(f"{where}{type(error).__name__}: {error}".splitlines()[0][:500])
-        peak_rss = _peak_rss_mb()
-    finally:
-        if context is not None:
-            context.close()  # the event files are complete before the result says so
-    result["memory"] = {
-        "peak_rss_mb": round(peak_rss, 1),
-        "gpu_peak_mb": _gpu_peak_mb(result["device"]),
-    }
-    result["timing"]["total_s"] = round(time.perf_counter() - started, 3)
-    result["finished_at"] = results.now()
-    return result
+    measured = run_case(
+        cls,
+        spec["cube"],
+        run_id=spec["run_id"],
+        params=spec.get("params", {}),
+        device=spec["device"],
+        seed=int(spec["seed"]),
+        split_seed=spec.get("split_seed"),
+        repeat=int(spec.get("repeat", 0)),
+        threads=int(spec["threads"]),
+        environment=spec["environment"],
+        storage_options=json.loads(os.environ.get(STORAGE_OPTIONS_ENV) or "null"),
+        tensorboard_dir=spec.get("tensorboard_dir"),
+        on_phase=lambda phase: emit("phase", phase=phase),
+        on_epoch=on_epoch,
+    )
+    return measured.result
 
 
 def launch_ranks(spec_path: Path, nproc: int) -> int:
@@ -294,8 +85,6 @@ def launch_ranks(spec_path: Path, nproc: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
-
-    from cubebench.runner import exit_reason
 
     os.environ[RUNNER_PID_ENV] = str(os.getpid())  # each rank dies with this launcher
     os.environ["PYTHONSAFEPATH"] = "1"  # as `python -P`: no import from the start directory

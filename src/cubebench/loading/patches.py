@@ -12,8 +12,9 @@ time slab), and no window needs chunks of two strips. A chunk then waits for at 
 slab of the strip along its outermost crossed axis (one row of chunks when windows cross
 only lat and lon borders). The epoch's order permutes the strips and picks the walk's
 direction on every axis; the windows of K consecutive units (the buffer) are then shuffled
-together. Chunks are decoded in threads ahead of the assembly, which runs in its own thread;
-batches are cut from the shuffled groups without per-window Python on the consumer's side.
+together. Shards take contiguous stretches of that walk, balanced by windows. Chunks are
+decoded in threads ahead of the assembly, which runs in its own thread; batches are cut from
+the shuffled groups without per-window Python on the consumer's side.
 """
 
 from __future__ import annotations
@@ -59,9 +60,16 @@ class PatchStream(StreamBase):
     (`visible_lst`: hidden, missing and unselected pixels are 0) and its mask (`visible`),
     then the normalised coordinate features; NaN inputs are 0. `y` is the normalised target
     (0 where unknown) and `mask` is 1 on the pixels to predict (hidden and valid). Same
-    constructor as `ChunkStream`; `buffer_chunks` counts units. A shard takes whole strips
-    when there are enough of them (no chunk is decoded by two shards), else a contiguous
-    stretch of units.
+    constructor as `ChunkStream`; `buffer_chunks` counts units. A shard takes a contiguous
+    stretch of the epoch's walk, balanced by windows (`epoch_units`), and yields
+    `steps_per_epoch()` batches; a sample is a window.
+
+    `stats.bytes_needed` adds, per epoch, for the chunks this shard's windows need (its
+    decoded chunks: in the part's blocks, or in blocks of no part that windows reach into),
+    their cells inside the part's selection (box and time range) times the item size times
+    the variables read. Not the windows' union: cells of a needed chunk that no kept window
+    covers (windows without targets, windows dropped between parts) count as needed, as a
+    chunk's invalid pixels do for pixels, so a task over the whole cube has exactly 1.
     """
 
     default_batch_size = 32
@@ -113,6 +121,11 @@ class PatchStream(StreamBase):
         Shuffled: the strips are permuted, and inside a strip the units are walked in C order
         with every axis running forwards or backwards by the epoch's draw (either way a chunk
         is needed by units close together in the walk, so the cache stays small).
+
+        With several shards the walk is cut into `count` contiguous stretches, each cut at the
+        unit boundary nearest to an equal share of the windows: every shard's share is within
+        one unit's windows of the mean, and only chunks at the n - 1 cuts are decoded by two
+        shards (none where a cut falls between strips).
         """
         strips = list(self.strips)
         signs = np.ones(3, np.int64)
@@ -124,14 +137,25 @@ class PatchStream(StreamBase):
             sorted(strip, key=lambda k: tuple(signs * np.asarray(self.units[k].chunk)))
             for strip in strips
         ]
-        if self.shard_count > 1 and len(walks) >= self.shard_count:
-            walks = walks[self.shard_index :: self.shard_count]
-            return [self.units[k] for walk in walks for k in walk]
-        # fewer strips than shards: a contiguous stretch of the walk each, so that only the
-        # chunks at the stretches' ends are decoded by two shards
         ordered = [self.units[k] for walk in walks for k in walk]
-        n, i, count = len(ordered), self.shard_index, self.shard_count
-        return ordered[i * n // count : (i + 1) * n // count]
+        if self.shard_count == 1:
+            return ordered
+        cuts = stretches([len(u.windows) for u in ordered], self.shard_count)
+        return ordered[cuts[self.shard_index] : cuts[self.shard_index + 1]]
+
+    def part_samples(self) -> int:
+        return len(self.origins)
+
+    def shard_samples(self, epoch: int = 0) -> int:
+        return sum(len(u.windows) for u in self.epoch_units(epoch))
+
+    def empty_batch(self) -> Batch:
+        t, h, w = self.window
+        return (
+            np.empty((0, self.channels, h, w), np.float32),
+            np.empty((0, t, h, w), np.float32),
+            np.empty((0, t, h, w), np.float32),
+        )
 
     # --- decoding and assembly ----------------------------------------------------------------
 
@@ -229,18 +253,12 @@ class PatchStream(StreamBase):
     def group_count(self, epoch: int = 0) -> int:
         return -(-len(self.epoch_units(epoch)) // self.buffer_chunks)
 
-    def _bytes(self, chunks: set[ChunkIndex]) -> int:
-        per_var = sum(
-            int(np.prod([s.stop - s.start for s in self.chunk_slices(c)])) for c in chunks
-        )
-        return per_var * self.itemsize * len(self.variables)
-
     def groups(self, epoch: int = 0) -> Iterator[Batch]:
         """One epoch as `group_count` groups: the windows of K units, shuffled together."""
         stats = self.stats
         units = self.epoch_units(epoch)
         uses = Counter(c for u in units for c in u.needs)
-        stats.bytes_needed += self._bytes(set(uses))
+        stats.bytes_needed += self.needed_bytes(set(uses))  # this shard's chunks, once
         cache: dict[ChunkIndex, Future] = {}
         lock = threading.Lock()
         rng = np.random.default_rng([self.seed, epoch, 4])
@@ -302,8 +320,35 @@ class PatchStream(StreamBase):
                     future.cancel()
 
     def batches(self, epoch: int = 0) -> Iterator[Batch]:
-        """One epoch of `(x, y, mask)` batches of `batch_size` windows; updates `stats`."""
-        return cut_batches(self.groups(epoch), self.batch_size, self.drop_last, self.stats)
+        """One epoch of `(x, y, mask)` batches of `batch_size` windows; updates `stats`.
+
+        `steps_per_epoch(epoch)` of them; when sharded, of the sizes `batch_sizes(epoch)`.
+        """
+        return cut_batches(
+            self.groups(epoch),
+            self.batch_size,
+            self.drop_last,
+            self.stats,
+            self.batch_sizes(epoch),
+            self.empty_batch(),
+        )
+
+
+def stretches(sizes: list[int], count: int) -> list[int]:
+    """Cut points of `count` contiguous stretches of items of `sizes`, balanced by size: cut
+    i is the item boundary nearest to i / count of the total (the lower one on a tie).
+    Returns `count + 1` indices, from 0 to `len(sizes)`."""
+    cum = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    total = int(cum[-1])
+    cuts = [0]
+    for i in range(1, count):
+        # compare count * cum with i * total: exact in integers
+        mark, scaled = i * total, count * cum
+        j = int(np.searchsorted(scaled, mark))  # the first boundary at or past the mark
+        if j > 0 and mark - scaled[j - 1] <= scaled[j] - mark:
+            j -= 1
+        cuts.append(max(j, cuts[-1]))
+    return [*cuts, len(sizes)]
 
 
 def shuffled(parts: list[Batch], rng: np.random.Generator) -> Batch:

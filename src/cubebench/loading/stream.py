@@ -8,9 +8,10 @@ seed, and emits contiguous float32 batches. There is no per-sample Python.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar, Self
@@ -33,7 +34,9 @@ class LoadStats:
     chunks_decoded: int = 0
     bytes_read: int = 0  # compressed bytes from the store
     bytes_decoded: int = 0
-    bytes_needed: int = 0  # decoded bytes of the chunks each epoch had to read: the minimum
+    # per epoch, over this stream's chunks: the bytes of their cells that lie in the part's
+    # blocks and selection (box, time range), of every variable read; see the streams
+    bytes_needed: int = 0
     samples: int = 0
     batches: int = 0
     decode_seconds: float = 0.0  # summed over threads: read + decode + mask + normalise
@@ -44,7 +47,14 @@ class LoadStats:
 
     @property
     def read_amplification(self) -> float:
-        """Decoded bytes / bytes of the chunks the epochs needed: 1.0 = no chunk twice."""
+        """Decoded bytes / bytes the epochs needed (`bytes_needed`: the cells of the decoded
+        chunks inside the part's blocks and selection, invalid pixels included).
+
+        1.0: every decoded byte lies in the part's box and time range, as for a task over the
+        whole cube on any layout; above 1: chunks straddle the selection's border (a box
+        edge inside a chunk row) and the cells beyond it are decoded for nothing, or a chunk
+        is decoded twice.
+        """
         return self.bytes_decoded / self.bytes_needed if self.bytes_needed else float("nan")
 
     @property
@@ -66,7 +76,7 @@ class LoadStats:
 
     def _repr_html_(self) -> str:
         """The counters and the derived ratios as a table (Jupyter)."""
-        from cubebench.report import facts_table
+        from cubebench.display import facts_table
 
         rows = asdict(self) | {
             "read_amplification": self.read_amplification,
@@ -86,8 +96,10 @@ class Decoded:
 
 class StreamBase:
     """What both streams share: the constructor, its checks, the reader, the target's chunk
-    grid and the shard. A subclass names the parts it serves (`parts`) and plans its epoch
-    (`plan`); `batch_size` defaults to the subclass's `default_batch_size`."""
+    grid, the shard and its batch plan. A subclass names the parts it serves (`parts`), plans
+    its epoch (`plan`), counts the part's and the shard's samples (`part_samples`,
+    `shard_samples`) and gives an empty batch (`empty_batch`); `batch_size` defaults to the
+    subclass's `default_batch_size`."""
 
     default_batch_size: ClassVar[int]
 
@@ -126,6 +138,12 @@ class StreamBase:
         target = task.cube[spec.target]
         self.chunk_edges = [np.concatenate([[0], np.cumsum(c)]) for c in target.chunks]
         self.itemsize = target.dtype.itemsize
+        # per axis and chunk index: how many of the chunk's indices the part's selection holds
+        sel = task.selections[part]
+        self.selected_per_chunk = [
+            np.add.reduceat(mask.astype(np.int64), e[:-1].astype(np.intp))
+            for mask, e in zip((sel.time, sel.lat, sel.lon), self.chunk_edges)
+        ]
         self.stats = LoadStats()
         self.plan()
 
@@ -142,19 +160,80 @@ class StreamBase:
         )
 
     def shard(self, index: int, count: int) -> Self:
-        """Restrict to shard `index` of `count` (set in each DataLoader worker / DDP rank);
-        how a shard is cut is the subclass's epoch order."""
+        """Restrict to shard `index` of `count` (set in each DataLoader worker / DDP rank).
+
+        The shards together yield every sample of the part exactly once per epoch, their
+        shares balanced by samples (how is the subclass's epoch order), and with `count` > 1
+        every shard yields the same number of batches, `steps_per_epoch()`, of balanced sizes
+        (`batch_sizes`): DDP ranks step together.
+        """
         if not 0 <= index < count:
             raise ValueError(f"shard {index} of {count}")
         self.shard_index, self.shard_count = index, count
         return self
 
+    def part_samples(self) -> int:
+        """The part's samples: what one epoch of all the shards together yields."""
+        raise NotImplementedError
+
+    def shard_samples(self, epoch: int = 0) -> int:
+        """The samples of this shard's share of `epoch` (before `drop_last`)."""
+        raise NotImplementedError
+
+    def empty_batch(self) -> tuple[np.ndarray, ...]:
+        """A batch of no samples with the trailing shapes and dtypes of a real one."""
+        raise NotImplementedError
+
+    def steps_per_epoch(self, epoch: int = 0) -> int:
+        """How many batches `batches(epoch)` yields on this shard: ceil(N / (B * count)) with
+        N the part's samples, B `batch_size` and `count` the shards (floor with `drop_last`).
+
+        A single shard yields batches of B and then the remainder, as ever; with `count` > 1
+        every shard yields exactly this many, the same on every shard and every epoch.
+        """
+        per_step = self.batch_size * self.shard_count
+        n = self.part_samples()
+        return n // per_step if self.drop_last else -(-n // per_step)
+
+    def batch_sizes(self, epoch: int = 0) -> list[int] | None:
+        """This shard's batch sizes in `epoch` when sharded (`count` > 1), else None.
+
+        `steps_per_epoch()` sizes differing by at most one that add up to the shard's samples
+        (so a size may exceed `batch_size` by a little where the shard's share is above the
+        mean); with `drop_last` they add up to at most `steps * batch_size` and the rest is
+        dropped. A size 0 is an empty batch, still a step.
+        """
+        if self.shard_count == 1:
+            return None
+        steps = self.steps_per_epoch(epoch)
+        if not steps:
+            return []
+        n = self.shard_samples(epoch)
+        if self.drop_last:
+            n = min(n, steps * self.batch_size)
+        q, r = divmod(n, steps)
+        return [q + 1] * r + [q] * (steps - r)
+
+    def needed_bytes(self, chunks: Collection[ChunkIndex]) -> int:
+        """What the part needs of `chunks`: their cells inside the part's selection (box and
+        time range), times the item size, times the variables read. The chunks must lie in
+        the part's blocks (or in blocks of no part, for windows' context)."""
+        t, y, x = self.selected_per_chunk
+        cells = sum(int(t[a]) * int(y[b]) * int(x[c]) for a, b, c in chunks)
+        return cells * self.itemsize * len(self.variables)
+
 
 class ChunkStream(StreamBase):
     """Batches `(X[B, F], y[B])` of one part, every valid sample exactly once per epoch.
 
-    `shard(i, n)` restricts the stream to every n-th chunk of the epoch order: n consumers
-    (torch DataLoader workers, DDP ranks) together see each chunk once.
+    `shard(i, n)` restricts the stream to a share of the epoch's chunks, dealt by their valid
+    samples (`epoch_chunks`): n consumers (torch DataLoader workers, DDP ranks) together see
+    each chunk once, and each yields `steps_per_epoch()` batches.
+
+    `stats.bytes_needed` adds, per epoch, for this shard's chunks, their cells inside the
+    part's selection (box and time range; ocean and cloud pixels included) times the item
+    size times the variables read: the part's chunks lie in its blocks, so a task over the
+    whole cube has a read amplification of exactly 1.
     """
 
     default_batch_size = 4096
@@ -165,6 +244,8 @@ class ChunkStream(StreamBase):
 
     def plan(self) -> None:
         self.chunks = self._part_chunks()
+        counts = self.task.chunk_samples[self.part]
+        self.chunk_counts = {c: int(counts.get(c, 0)) for c in self.chunks}
         self._prepare_constants()
         dtype = np.result_type(*(self.task.cube[v].dtype for v in self.variables))
         warm_up(len(self.variables), dtype, len(self.coord_axis))
@@ -190,19 +271,32 @@ class ChunkStream(StreamBase):
                     out.append(chunk)
         return sorted(out)
 
-    def _bytes(self, chunks: list[ChunkIndex]) -> int:
-        per_var = sum(
-            int(np.prod([w.stop - w.start for w in self.chunk_slices(c)])) for c in chunks
-        )
-        return per_var * self.itemsize * len(self.variables)
-
     def epoch_chunks(self, epoch: int) -> list[ChunkIndex]:
-        """This shard's chunks in this epoch's order (the same permutation for every shard)."""
+        """This shard's chunks in this epoch's order.
+
+        The epoch's permutation is the same for every shard; with several shards it is dealt
+        chunk by chunk, in its order, to the shard with the fewest samples so far (then the
+        fewest chunks, then the lowest index), so the shares differ by at most one chunk's
+        samples and every shard computes the same deal.
+        """
         order = list(self.chunks)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch, 1])
             order = [order[i] for i in rng.permutation(len(order))]
-        return order[self.shard_index :: self.shard_count]
+        if self.shard_count == 1:
+            return order
+        shares = deal([self.chunk_counts[c] for c in order], self.shard_count)
+        return [order[i] for i in shares[self.shard_index]]
+
+    def part_samples(self) -> int:
+        return sum(self.chunk_counts.values())
+
+    def shard_samples(self, epoch: int = 0) -> int:
+        return sum(self.chunk_counts[c] for c in self.epoch_chunks(epoch))
+
+    def empty_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        features = len(self.task.spec.features)
+        return np.empty((0, features), np.float32), np.empty(0, np.float32)
 
     # --- decoding -----------------------------------------------------------------------
 
@@ -279,7 +373,7 @@ class ChunkStream(StreamBase):
         """
         stats = self.stats
         chunks = self.epoch_chunks(epoch)
-        stats.bytes_needed += self._bytes(chunks)  # this shard's chunks, once
+        stats.bytes_needed += self.needed_bytes(chunks)  # this shard's chunks, once
         todo = iter(chunks)
         # the next group decodes while the consumer drains this one
         lookahead = 2 * self.buffer_chunks + self.threads
@@ -313,18 +407,53 @@ class ChunkStream(StreamBase):
                     future.cancel()
 
     def batches(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """One epoch of `(X[B, F], y[B])` batches cut from the groups; updates `self.stats`."""
-        return cut_batches(self.groups(epoch), self.batch_size, self.drop_last, self.stats)
+        """One epoch of `(X[B, F], y[B])` batches cut from the groups; updates `self.stats`.
+
+        `steps_per_epoch(epoch)` of them; when sharded, of the sizes `batch_sizes(epoch)`.
+        """
+        return cut_batches(
+            self.groups(epoch),
+            self.batch_size,
+            self.drop_last,
+            self.stats,
+            self.batch_sizes(epoch),
+            self.empty_batch(),
+        )
+
+
+def deal(sizes: Sequence[int], count: int) -> list[list[int]]:
+    """Items (by index) dealt in order, each to the share with the fewest samples so far
+    (then the fewest items, then the lowest index): `count` lists of indices in order.
+
+    Shares differ by at most the largest item's samples; deterministic.
+    """
+    heap = [(0, 0, i) for i in range(count)]
+    shares: list[list[int]] = [[] for _ in range(count)]
+    for k, n in enumerate(sizes):
+        load, taken, i = heapq.heappop(heap)
+        shares[i].append(k)
+        heapq.heappush(heap, (load + int(n), taken + 1, i))
+    return shares
 
 
 def cut_batches(
-    groups: Iterator[tuple[np.ndarray, ...]], size: int, drop_last: bool, stats: LoadStats
+    groups: Iterator[tuple[np.ndarray, ...]],
+    size: int,
+    drop_last: bool,
+    stats: LoadStats,
+    sizes: Sequence[int] | None = None,
+    empty: tuple[np.ndarray, ...] | None = None,
 ) -> Iterator[tuple[np.ndarray, ...]]:
     """Batches of `size` items cut from a sequence of groups (tuples of arrays of equal
     length); counts the epoch, samples, batches, the consumer's wait and the wall time.
 
     A batch is a view into its group, copied only where it spans two groups. The last,
     partial batch is kept unless `drop_last`.
+
+    With `sizes` (a shard's plan, `StreamBase.batch_sizes`) exactly `len(sizes)` batches
+    come instead, batch k of `sizes[k]` items; the last takes every item left (with
+    `drop_last`, at most its size). Where the groups run short a batch is shorter or
+    `empty` (no items, the right trailing shapes): the number of batches never changes.
     """
     stats.epochs += 1
     started = waiting = time.perf_counter()
@@ -336,6 +465,14 @@ def cut_batches(
         stats.samples += len(batch[0])
         stats.batches += 1
         return batch
+
+    if sizes is not None:
+        for batch in _planned_batches(groups, sizes, drop_last, empty):
+            yield emit(batch)
+            waiting = time.perf_counter()
+        stats.stall_seconds += time.perf_counter() - waiting
+        stats.wall_seconds += time.perf_counter() - started
+        return
 
     carry: list[tuple[np.ndarray, ...]] = []  # pieces of a batch under way
     carried = 0
@@ -361,6 +498,54 @@ def cut_batches(
         waiting = time.perf_counter()
     stats.stall_seconds += time.perf_counter() - waiting
     stats.wall_seconds += time.perf_counter() - started
+
+
+def _planned_batches(
+    groups: Iterator[tuple[np.ndarray, ...]],
+    sizes: Sequence[int],
+    drop_last: bool,
+    empty: tuple[np.ndarray, ...] | None,
+) -> Iterator[tuple[np.ndarray, ...]]:
+    """`len(sizes)` batches of the given sizes cut from the groups (see `cut_batches`)."""
+    if not sizes:
+        return  # no step this epoch: nothing to decode
+    pieces: deque[tuple[np.ndarray, ...]] = deque()
+    held = 0
+    template = empty
+
+    def take(m: int) -> tuple[np.ndarray, ...]:
+        nonlocal held
+        out = []
+        while m > 0 and pieces:
+            piece = pieces[0]
+            n = len(piece[0])
+            if n <= m:
+                out.append(pieces.popleft())
+            else:
+                out.append(tuple(a[:m] for a in piece))
+                pieces[0] = tuple(a[m:] for a in piece)
+            took = min(n, m)
+            held -= took
+            m -= took
+        if not out:
+            assert template is not None, "an empty batch needs a template"
+            return tuple(a[:0] for a in template)
+        return out[0] if len(out) == 1 else concatenate(out)
+
+    k, last = 0, len(sizes) - 1
+    for group in groups:
+        if template is None:
+            template = group
+        if len(group[0]):
+            pieces.append(group)
+            held += len(group[0])
+        while k < last and held >= sizes[k]:
+            yield take(sizes[k])
+            k += 1
+    while k < last:
+        yield take(sizes[k])
+        k += 1
+    yield take(min(sizes[last], held) if drop_last else held)
 
 
 def read_chunk(

@@ -12,6 +12,7 @@ The U-Net takes and returns channels-first arrays like torch's (`[B, C, h, w]` i
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import weakref
@@ -22,14 +23,13 @@ import numpy as np
 import tensorflow as tf
 
 from cubebench.case import Context
-from cubebench.loading import PatchStream, Stream, open_stream
+from cubebench.loading import PatchStream, Stream
 from cubebench.loading.tf import dataset
 from cubebench.models import EpochLoss
 
 ACTIVATIONS = ("relu", "silu", "tanh", "gelu")
 EPSILON = 1e-7  # Adam's epsilon, the same in both frameworks
 EVAL_BATCH = 65536  # pixels per forward pass in prediction
-TIMED_STEPS = 30  # train steps timed on a cached batch for the stall estimate
 
 
 def seed_and_threads(seed: int, threads: int) -> None:
@@ -212,6 +212,7 @@ def compile_model(
         model.compile(optimizer=optimizer, loss=masked_mse, metrics=[MaskedMSE()])
     else:
         model.compile(optimizer=optimizer, loss="mse")
+    optimizer.build(model.trainable_variables)  # its state exists before any step (`preserved`)
     return model
 
 
@@ -223,23 +224,75 @@ def batches(stream: Stream) -> tf.data.Dataset:
     """`cubebench.loading.tf.dataset(stream)` with its number of batches declared, so that
     Keras knows the epoch's length (without it, Keras warns at the end of the first epoch
     that the input ran out of data)."""
-    n = steps_per_epoch(stream.task.samples[stream.part], stream.batch_size)
-    if stream.drop_last:
-        n = stream.task.samples[stream.part] // stream.batch_size
-    return dataset(stream).apply(tf.data.experimental.assert_cardinality(n))
+    return dataset(stream).apply(tf.data.experimental.assert_cardinality(stream.steps_per_epoch()))
+
+
+def _packed(batch: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A stream batch as Keras' (x, y): windows carry the target and its mask in one y, as
+    `cubebench.loading.tf.dataset` packs them."""
+    x, y, *mask = batch
+    return x, (np.concatenate([y, mask[0]], axis=1) if mask else y)
+
+
+def resident_dataset(resident: list[tuple[np.ndarray, ...]]) -> tf.data.Dataset:
+    """The resident batches, cycled for ever, with the element spec of the training datasets
+    (batch dimension unknown): Keras' traced train and test functions serve both."""
+    packed = [_packed(b) for b in resident]
+    size = max(len(b[0]) for b in packed)
+    x = np.concatenate([b[0] for b in packed])
+    y = np.concatenate([b[1] for b in packed])
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(size).cache().repeat()
+
+
+def array_dataset(
+    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = None
+) -> tf.data.Dataset:
+    """In-memory arrays as batches, reshuffled every pass when a `seed` is given."""
+    data = tf.data.Dataset.from_tensor_slices(
+        (np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.float32))
+    )
+    if seed is not None:
+        data = data.shuffle(len(y), seed=int(seed), reshuffle_each_iteration=True)
+    return data.batch(batch_size)
+
+
+@contextlib.contextmanager
+def preserved(model: keras.Model):
+    """Whatever steps run inside leave the weights, the optimiser's state (its step count
+    included) and the metrics (the epoch's running loss) as they were."""
+    variables = [*model.variables, *model.optimizer.variables, *model.metrics_variables]
+    values = [v.numpy() for v in variables]
+    try:
+        yield
+    finally:
+        for v, value in zip(variables, values):
+            v.assign(value)
+
+
+def warm_up(model: keras.Model, resident: tf.data.Dataset, validates: bool) -> None:
+    """Trace (and run once) the train function, the test function when the fit validates, and
+    the forward pass `predict` uses, on resident batches of the training datasets' element
+    spec, then put the model back: the fit's first step is then an ordinary step, and the
+    tracing is booked as warm-up, for Keras as for torch."""
+    with preserved(model):
+        model.make_train_function()
+        logs = model.train_function(iter(resident.take(1)))
+        if validates:
+            model.make_test_function()
+            logs = model.test_function(iter(resident.take(1)))
+        float(logs["loss"])
+    warm_up_predict(model)
 
 
 class EpochLog(keras.callbacks.Callback):
-    """Logs every epoch to the context (or only keeps its losses, with `context=None`).
-
-    Times each epoch's training (validation excluded) and the first training step (which
-    traces the graph), for the stall estimate.
-    """
+    """Logs every epoch to the context (or only keeps its losses, with `context=None`) and
+    times each epoch's training pass (validation excluded) for the loop clock."""
 
     def __init__(
         self,
         context: Context | None,
         samples: int,
+        steps: int,
         epochs: int,
         first_epoch: int = 0,
         of: int | None = None,
@@ -247,35 +300,35 @@ class EpochLog(keras.callbacks.Callback):
         super().__init__()
         self.context = context
         self.samples = samples
+        self.steps = steps
         self.epochs = epochs
         self.first_epoch = first_epoch
         self.of = of or first_epoch + epochs
         self.history: list[EpochLoss] = []
-        self.train_seconds = 0.0
-        self.first_step_seconds: float | None = None
         self._started = 0.0
+        self._probed = 0.0
         self._trained: float | None = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._trained = None
+        self._probed = 0.0
         self._started = time.perf_counter()
 
     def on_train_batch_begin(self, batch, logs=None):
-        # the second step begins: the first (and the graph's tracing) is over. A batch-*end*
-        # hook would make Keras convert the logs to Python after every step (a sync).
-        if batch == 1 and self.first_step_seconds is None:
-            self.first_step_seconds = time.perf_counter() - self._started
+        # a probe burst may run before the step (`Context.probing`); a batch-*end* hook would
+        # make Keras convert the logs to Python after every step (a sync)
+        if self.context is not None:
+            self._probed += self.context.before_step()
 
     def on_test_begin(self, logs=None):  # validation starts: the epoch's training is over
         if self._trained is None:
-            self._trained = time.perf_counter() - self._started
+            self._trained = time.perf_counter() - self._started - self._probed
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         seconds = self._trained
         if seconds is None:
-            seconds = time.perf_counter() - self._started
-        self.train_seconds += seconds
+            seconds = time.perf_counter() - self._started - self._probed
         loss, val_loss = logs.get("loss"), logs.get("val_loss")
         if "masked_mse" in logs:  # windows: the MSE of every masked pixel, as torch logs it
             loss, val_loss = logs["masked_mse"], logs.get("val_masked_mse")
@@ -288,6 +341,7 @@ class EpochLog(keras.callbacks.Callback):
             )
         )
         if self.context is not None:
+            self.context.loop.record(seconds, self.steps)
             self.context.log_epoch(
                 self.first_epoch + epoch,
                 loss,
@@ -296,35 +350,8 @@ class EpochLog(keras.callbacks.Callback):
                 samples=self.samples,
                 of=self.of,
                 lr=float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+                steps=float(self.steps),
             )
-
-
-def time_train_steps(
-    model: keras.Model, x: np.ndarray, y: np.ndarray, steps: int = TIMED_STEPS
-) -> float:
-    """Seconds of one training step on a cached batch (compute only, no input pipeline).
-
-    The model's weights and optimiser state (its step count included) are restored after.
-    """
-    weights = [v.numpy() for v in model.variables]
-    state = [v.numpy() for v in model.optimizer.variables]
-    data = tf.data.Dataset.from_tensors((x, y)).repeat().take(steps + 2).cache()
-    iterator = iter(data)
-    model.make_train_function()
-    train = model.train_function
-    for _ in range(2):  # warm-up: a batch of a fixed shape may trace once more
-        logs = train(iterator)
-    float(logs["loss"])
-    start = time.perf_counter()
-    for _ in range(steps):
-        logs = train(iterator)
-    float(logs["loss"])  # wait for the last step
-    seconds = (time.perf_counter() - start) / steps
-    for v, value in zip(model.variables, weights):
-        v.assign(value)
-    for v, value in zip(model.optimizer.variables, state):
-        v.assign(value)
-    return seconds
 
 
 def fit_stream(
@@ -339,54 +366,50 @@ def fit_stream(
     of: int | None = None,
 ) -> EpochLog:
     """`model.fit` over the stream's tf.data pipeline for `epochs` epochs (Adam, cosine decay
-    over all of them), logging every epoch; then estimates the data stall.
+    over all of them), logging every epoch.
 
-    Keras runs the input pipeline inside its graph, so the wait for batches cannot be timed.
-    The estimate: training time of all epochs (validation excluded) - the first step (which
-    traces the graph) - the other steps x the time of one step on a cached batch; it also
-    counts Keras' per-step overhead outside the step and the CPU the input pipeline takes
-    from the model on a shared CPU. Sets `context.stall_seconds` and `stall_estimated`.
-
-    Windows (a `PatchStream`) train on the masked MSE; samples are windows.
+    As for torch: compile and tracing happen first, on resident batches, booked as warm-up;
+    the fit is the epochs; bursts of the same train function on the resident batches run
+    between training steps (model put back), the compute probe of the stall. Keras runs the
+    input pipeline inside its graph, so the wait for a batch cannot be timed: the stall is
+    the loop time minus the probe's compute, as for every library. Windows (a
+    `PatchStream`) train on the masked MSE; samples are windows.
     """
     windows = isinstance(train, PatchStream)
-    steps = steps_per_epoch(context.task.samples[train.part], train.batch_size)
-    compile_model(model, lr, epochs * steps, alpha, masked=windows)
-    log = EpochLog(context, context.task.samples[train.part], epochs, of=of)
-    model.fit(
-        batches(train),
-        epochs=epochs,
-        validation_data=None if val is None else batches(val),
-        shuffle=False,
-        verbose=0,
-        callbacks=[log],
-    )
-    # one batch of the part, from a stream outside the counted training streams
-    probe = open_stream(
-        context.task,
-        train.part,
-        batch_size=train.batch_size,
-        shuffle=False,
-        threads=context.threads,
-    )
-    first_batches = probe.batches(0)
-    x, y, *mask = next(first_batches)
-    first_batches.close()
-    if mask:  # Keras' y of windows: the target and its mask, packed as the dataset packs them
-        y = np.concatenate([y, mask[0]], axis=1)
-    step = time_train_steps(model, x, y)
-    total = epochs * steps
-    if log.first_step_seconds is None:  # one step per epoch: no tracing measured
-        compute = total * step
-    else:
-        compute = log.first_step_seconds + (total - 1) * step
-    context.stall_seconds += max(0.0, log.train_seconds - compute)
-    context.stall_estimated = True
+    steps = train.steps_per_epoch()
+    with context.phase("probe"):
+        resident = resident_dataset(context.resident_batches(train))
+    with context.phase("warmup"):
+        compile_model(model, lr, epochs * steps, alpha, masked=windows)
+        warm_up(model, resident, validates=val is not None)
+    log = EpochLog(context, context.task.samples[train.part], steps, epochs, of=of)
+    iterator = iter(resident)
+    last: list = []
+
+    def step(_) -> None:
+        last[:] = [model.train_function(iterator)]
+
+    with context.probing(
+        step,
+        [None],
+        planned_steps=epochs * steps,
+        preserved=lambda: preserved(model),
+        sync=lambda: last and float(last[0]["loss"]),
+    ):
+        model.fit(
+            batches(train),
+            epochs=epochs,
+            validation_data=None if val is None else batches(val),
+            shuffle=False,
+            verbose=0,
+            callbacks=[log],
+        )
     return log
 
 
 def fit_arrays(
     model: keras.Model,
+    context: Context,
     x: np.ndarray,
     y: np.ndarray,
     val: tuple[np.ndarray, np.ndarray] | None,
@@ -395,21 +418,19 @@ def fit_arrays(
     batch_size: int,
     lr: float,
     alpha: float = 0.0,
+    seed: int = 0,
 ) -> list[EpochLoss]:
-    """Compile and train on in-memory arrays (a small labelled set: fine-tuning), shuffled
-    every epoch; Adam with a cosine decay over all the steps. Returns every epoch's losses."""
-    compile_model(model, lr, epochs * steps_per_epoch(len(y), batch_size), alpha)
-    log = EpochLog(None, len(y), epochs)
+    """Compile and train on in-memory arrays (a small labelled set: fine-tuning), reshuffled
+    every epoch; Adam with a cosine decay over all the steps; compile and tracing booked as
+    warm-up. Returns every epoch's losses."""
+    train = array_dataset(x, y, batch_size, seed)
+    validation = None if val is None else array_dataset(*val, EVAL_BATCH)
+    with context.phase("warmup"):
+        compile_model(model, lr, epochs * steps_per_epoch(len(y), batch_size), alpha)
+        warm_up(model, array_dataset(x, y, batch_size), validates=val is not None)
+    log = EpochLog(None, len(y), steps_per_epoch(len(y), batch_size), epochs)
     model.fit(
-        np.ascontiguousarray(x, np.float32),
-        np.ascontiguousarray(y, np.float32),
-        batch_size=batch_size,
-        epochs=epochs,
-        validation_data=val,
-        validation_batch_size=EVAL_BATCH,
-        shuffle=True,
-        verbose=0,
-        callbacks=[log],
+        train, epochs=epochs, validation_data=validation, shuffle=False, verbose=0, callbacks=[log]
     )
     return log.history
 

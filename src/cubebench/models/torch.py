@@ -14,6 +14,7 @@ the masked pixels of the epoch (not a mean of per-batch means), as Keras' `Maske
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from torch import nn
 
 from cubebench import ranks
 from cubebench.case import Context
-from cubebench.loading import PatchStream, Stream
+from cubebench.loading import Stream
 from cubebench.models import EpochLoss
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -184,64 +185,98 @@ def steps_per_epoch(samples: int, batch_size: int) -> int:
     return max(1, -(-int(samples) // int(batch_size)))
 
 
-def _step(
-    model, adam, schedule, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    adam.zero_grad(set_to_none=True)
-    if mask is None:
-        loss = nn.functional.mse_loss(model(x).squeeze(-1), y)
-    else:
-        loss = masked_mse(model(x), y, mask)
-    loss.backward()
-    adam.step()
-    schedule.step()
-    return loss.detach()
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None):
+    """MSE of a pixel batch, masked MSE of a window batch. An empty batch (a DDP rank whose
+    share ran short) gives a zero loss that still takes part in the gradients' all-reduce."""
+    pred = model(x)
+    if mask is not None:
+        return masked_mse(pred, y, mask)
+    pred = pred.squeeze(-1)
+    return nn.functional.mse_loss(pred, y) if len(y) else pred.sum() * 0.0
+
+
+class Trainer:
+    """The training step of every torch case, and what the suite's clocks need around it.
+
+    One `step` runs in the training loop, in the warm-up and in the compute probe (the same
+    code, so the probe times what the loop did); `preserved()` puts the model, the optimiser
+    and the schedule back as they were after a warm-up or a probe. Losses are accumulated on
+    the device (no host sync per step): the MSE over the epoch's samples, or over the masked
+    pixels of windows.
+    """
+
+    def __init__(self, model: nn.Module, device: str, lr: float, decay_steps: int, alpha: float):
+        self.model = model  # the DDP wrapper under DDP
+        self.device = torch.device(device)
+        self.adam, self.schedule = optimizer(model, lr, decay_steps, alpha)
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.weight = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.samples = 0
+
+    def step(self, batch: tuple[np.ndarray, ...]) -> None:
+        x, y, *mask = batch
+        xt = torch.from_numpy(x).to(self.device, non_blocking=True)
+        yt = torch.from_numpy(y).to(self.device, non_blocking=True)
+        mt = torch.from_numpy(mask[0]).to(self.device, non_blocking=True) if mask else None
+        self.adam.zero_grad(set_to_none=True)
+        loss = _loss(self.model, xt, yt, mt)
+        loss.backward()
+        self.adam.step()
+        self.schedule.step()
+        weight = mt.sum(dtype=torch.float64) if mt is not None else float(len(y))
+        self.total += loss.detach().double() * weight
+        self.weight += weight
+        self.samples += len(y)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def preserved(self):
+        """Whatever steps run inside leave model, optimiser, schedule and sums as they were."""
+        inner = self.model.module if hasattr(self.model, "module") else self.model
+        saved = copy.deepcopy(
+            (inner.state_dict(), self.adam.state_dict(), self.schedule.state_dict())
+        )
+        sums = (self.total.clone(), self.weight.clone(), self.samples)
+        try:
+            yield
+        finally:
+            self.sync()
+            inner.load_state_dict(saved[0])
+            self.adam.load_state_dict(saved[1])
+            self.schedule.load_state_dict(saved[2])
+            self.total, self.weight, self.samples = sums
+
+    @property
+    def lr(self) -> float:
+        return float(self.schedule.get_last_lr()[0])
 
 
 def train_epoch(
-    model: nn.Module,
-    adam: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    context: Context,
-    stream: Stream,
-    epoch: int,
+    trainer: Trainer, context: Context, stream: Stream, epoch: int
 ) -> tuple[float, int]:
-    """One epoch over the stream through `context.timed_batches` (which measures the data
-    stall). Returns (mean training MSE, samples) over all ranks; on windows the MSE of the
-    masked pixels and the samples are windows.
-
-    Under DDP each rank walks its own share of the chunks, so ranks run different numbers of
-    steps: `Join` shadows the collectives of the ranks that finished first."""
-    device = torch.device(context.device)
-    model.train()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    weight = torch.zeros((), dtype=torch.float64, device=device)
-    samples = 0
-    with _joined(model):
-        for x, y, *mask in context.timed_batches(stream, epoch):
-            xt = torch.from_numpy(x).to(device, non_blocking=True)
-            yt = torch.from_numpy(y).to(device, non_blocking=True)
-            if mask:
-                mt = torch.from_numpy(mask[0]).to(device, non_blocking=True)
-                pixels = mt.sum(dtype=torch.float64)
-                total += _step(model, adam, schedule, xt, yt, mt).double() * pixels
-                weight += pixels
-            else:
-                total += _step(model, adam, schedule, xt, yt).double() * len(y)
-            samples += len(y)
-    if not isinstance(stream, PatchStream):
-        weight = torch.tensor(float(samples), dtype=torch.float64)
-    total_sum, weight_sum, samples_sum = ranks.total(float(total), float(weight), samples)
-    return total_sum / max(weight_sum, 1.0), int(samples_sum)
-
-
-def _joined(model: nn.Module):
-    """`Join` around a DDP model's epoch (uneven shares of the chunks); nothing otherwise."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        from torch.distributed.algorithms.join import Join
-
-        return Join([model])
-    return contextlib.nullcontext()
+    """One epoch over the stream through `context.timed_batches` (which times the loop and the
+    wait for data). Returns (mean training MSE, samples) over all ranks; on windows the MSE of
+    the masked pixels and the samples are windows. Under DDP every rank takes the same number
+    of steps (the stream deals the samples so), or this fails: one schedule needs it."""
+    trainer.model.train()
+    trainer.reset()
+    steps = 0
+    for batch in context.timed_batches(stream, epoch):
+        trainer.step(batch)
+        steps += 1
+    taken = ranks.gather(steps)
+    if len(set(taken)) > 1:
+        raise RuntimeError(f"epoch {epoch}: the ranks took {taken} steps; DDP needs equal steps")
+    total, weight, samples = ranks.total(
+        float(trainer.total), float(trainer.weight), trainer.samples
+    )
+    return total / max(weight, 1.0), int(samples)
 
 
 def distribute(model: nn.Module, device: str) -> nn.Module:
@@ -316,35 +351,58 @@ def fit_stream(
     first_epoch: int = 0,
     of: int | None = None,
 ) -> None:
-    """Train on a stream for `epochs` epochs (Adam, cosine decay over all of them), logging
-    training and validation MSE per epoch. Pixels or windows: the steps follow the part's
-    samples (windows for a patch task).
+    """Train on a stream for `epochs` epochs (Adam, cosine decay over every step of them),
+    logging training and validation MSE per epoch. Pixels or windows: the steps follow the
+    part's samples (windows for a patch task).
 
-    Under DDP (`cubebench run --nproc N`) the streams are this rank's share, each step's
-    gradients are averaged over the ranks (a global batch of N x batch_size, the learning rate
-    unscaled) and the logged losses and samples cover every rank."""
-    share = -(-context.task.samples[train.part] // context.world_size)
-    decay = epochs * steps_per_epoch(share, train.batch_size)
-    trained = distribute(model, context.device)
-    adam, schedule = optimizer(model, lr, decay, alpha)
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        loss, samples = train_epoch(trained, adam, schedule, context, train, epoch)
-        seconds = time.perf_counter() - start
-        val_loss = None if val is None else evaluate(model, val.batches(0), context.device)
-        context.log_epoch(
-            first_epoch + epoch,
-            loss,
-            val_loss,
-            seconds=seconds,
-            samples=samples,
-            of=of or epochs,
-            lr=schedule.get_last_lr()[0],
+    As for every library: a warm-up step before the epochs (first-call costs: allocations,
+    kernels, a CUDA context), and bursts of the same step between training steps (the
+    compute probe of the stall), both on resident batches with the model put back; the
+    warm-up is booked as `warmup_s`, the probe apart, neither in the epochs' time.
+
+    Under DDP (`cubebench run --nproc N`) the streams are this rank's share, every rank takes
+    the same steps per epoch (`stream.steps_per_epoch()`: ceil(part samples / (N x batch))),
+    so the learning rate follows one global step count; each step's gradients are averaged
+    over the ranks (a global batch of N x batch_size, the learning rate unscaled), and the
+    logged losses and samples cover every rank."""
+    steps = train.steps_per_epoch()
+    with context.phase("warmup"):  # building Adam imports torch._dynamo: ~2 s, once
+        trainer = Trainer(
+            distribute(model, context.device), context.device, lr, epochs * steps, alpha
         )
+    with context.phase("probe"):
+        resident = context.resident_batches(train)
+    with context.phase("warmup"), trainer.preserved():
+        trainer.model.train()
+        trainer.step(resident[0])
+    probing = context.probing(
+        trainer.step,
+        resident,
+        planned_steps=epochs * steps,
+        preserved=trainer.preserved,
+        sync=trainer.sync,
+    )
+    with probing:
+        for epoch in range(epochs):
+            start, booked = time.perf_counter(), context.clock.snapshot()
+            loss, samples = train_epoch(trainer, context, train, epoch)
+            seconds = time.perf_counter() - start - context.clock.since(booked, "probe")
+            val_loss = None if val is None else evaluate(model, val.batches(0), context.device)
+            context.log_epoch(
+                first_epoch + epoch,
+                loss,
+                val_loss,
+                seconds=seconds,
+                samples=samples,
+                of=of or epochs,
+                lr=trainer.lr,
+                steps=float(steps),
+            )
 
 
 def fit_arrays(
     model: nn.Module,
+    context: Context,
     x: np.ndarray,
     y: np.ndarray,
     val: tuple[np.ndarray, np.ndarray] | None,
@@ -354,26 +412,30 @@ def fit_arrays(
     lr: float,
     alpha: float = 0.0,
     seed: int = 0,
-    device: str | torch.device = "cpu",
 ) -> list[EpochLoss]:
     """Train on in-memory arrays (a small labelled set: fine-tuning), reshuffled every epoch
-    by a seeded generator; Adam with a cosine decay over all the steps. Returns the losses of
-    every epoch (the caller logs them)."""
-    device = torch.device(device)
-    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device)
-    yt = torch.from_numpy(np.ascontiguousarray(y, np.float32)).to(device)
-    adam, schedule = optimizer(model, lr, epochs * steps_per_epoch(len(y), batch_size), alpha)
+    by a seeded generator; Adam with a cosine decay over all the steps; a warm-up step first
+    (booked as warm-up). Returns the losses of every epoch (the caller logs them)."""
+    x = np.ascontiguousarray(x, np.float32)
+    y = np.ascontiguousarray(y, np.float32)
+    decay = epochs * steps_per_epoch(len(y), batch_size)
+    with context.phase("warmup"):
+        trainer = Trainer(model, context.device, lr, decay, alpha)
+    with context.phase("warmup"), trainer.preserved():
+        model.train()
+        trainer.step((x[:batch_size], y[:batch_size]))
     generator = torch.Generator().manual_seed(int(seed))
     history = []
     for _ in range(epochs):
         start = time.perf_counter()
         model.train()
-        order = torch.randperm(len(yt), generator=generator).to(device)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for i in range(0, len(yt), batch_size):
+        trainer.reset()
+        order = torch.randperm(len(y), generator=generator).numpy()
+        for i in range(0, len(y), batch_size):
             idx = order[i : i + batch_size]
-            total += _step(model, adam, schedule, xt[idx], yt[idx]).double() * len(idx)
+            trainer.step((x[idx], y[idx]))
         seconds = time.perf_counter() - start
-        val_loss = None if val is None else evaluate(model, array_batches(*val), device)
-        history.append(EpochLoss(float(total) / max(len(yt), 1), val_loss, seconds, len(yt)))
+        val_loss = None if val is None else evaluate(model, array_batches(*val), context.device)
+        loss = float(trainer.total) / max(float(trainer.weight), 1.0)
+        history.append(EpochLoss(loss, val_loss, seconds, len(y)))
     return history
