@@ -22,8 +22,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cubebench.discovery import default_cases_dir
-from cubebench.processes import worker_env
+# The gate runs HEAD's benchmarks against BASE's `src/` too: import what moved from where it was
+try:
+    from cubebench.discovery import default_cases_dir, discover
+    from cubebench.processes import worker_env
+except ImportError:  # before the runner and the worker stopped importing each other
+    from cubebench.runner import default_cases_dir, discover, worker_env
 
 THREADS = 2  # what a CI runner or a laptop core pair gives; every number uses the same
 SEED = 0

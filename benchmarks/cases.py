@@ -8,8 +8,7 @@ worker's peak memory are tracked as the result file defines them.
 
 from __future__ import annotations
 
-from benchmarks import CASE_PRESETS, CubeBenchmark, memo, run_case
-from cubebench.discovery import discover
+from benchmarks import CASE_PRESETS, CubeBenchmark, discover, memo, run_case
 
 CASES = tuple(discover())
 

@@ -93,36 +93,24 @@ def _find_runs(client, experiment_id: str, run_id: str, role: str, case: str | N
     return client.search_runs([experiment_id], filter_string=query, max_results=1000)
 
 
-# the figures a case's runs are compared by; with repeats the case's run holds their
-# mean, standard deviation and 95 % interval (its repeats are nested runs under it)
-AGGREGATED = {
-    "rmse": ("metrics", "rmse"),
-    "rmse_over_noise_floor": ("metrics", "rmse_over_noise_floor"),
-    "train_samples_per_s": ("throughput", "train_samples_per_s"),
-    "fit_s": ("timing", "fit_s"),
-    "stall_fraction": ("loading", "stall_fraction"),
-}
-
-
 def aggregate_metrics(case_results: list[dict]) -> dict[str, float]:
-    """`<figure>.mean|sd|ci95_low|ci95_high|n` over the ok repeats of one case, plus
+    """The case's figures over its repeats, as the report aggregates them
+    (`cubebench.report.tables.aggregate_table`): `<figure>.mean|sd|ci95_low|ci95_high|n`, plus
     `repeats.ok` and `repeats.failed`."""
-    from cubebench.stats import summarize
+    from cubebench.report.tables import AGGREGATED, aggregate_table
 
-    ok = [r for r in case_results if r.get("status") == "ok"]
-    out = {"repeats.ok": float(len(ok)), "repeats.failed": float(len(case_results) - len(ok))}
-    for name, path in AGGREGATED.items():
-        values = []
-        for r in ok:
-            value: Any = r
-            for key in path:
-                value = value.get(key) if isinstance(value, dict) else None
-            values.append(value)
-        summary = summarize(values)
-        for key in ("mean", "sd", "ci95_low", "ci95_high", "n"):
-            if isinstance(summary.get(key), int | float):
-                out[f"{name}.{key}"] = float(summary[key])
+    (row,) = aggregate_table(case_results, repeats=len(case_results))
+    out = {"repeats.ok": float(row["n_ok"]), "repeats.failed": float(row["n_failed"])}
+    for key in AGGREGATED:
+        stats = {"mean": row[key]} | {
+            s: row[f"{key}_{s}"] for s in ("sd", "ci95_low", "ci95_high", "n")
+        }
+        out.update({f"{key}.{s}": float(v) for s, v in stats.items() if _is_number(v)})
     return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # --- what a run holds -------------------------------------------------------------------------
