@@ -27,7 +27,7 @@ try:
     from cubebench.discovery import default_cases_dir, discover
     from cubebench.processes import worker_env
 except ImportError:  # before the runner and the worker stopped importing each other
-    from cubebench.runner import default_cases_dir, discover, worker_env
+    from cubebench.runner import default_cases_dir, discover, worker_env  # noqa: F401
 
 THREADS = 2  # what a CI runner or a laptop core pair gives; every number uses the same
 SEED = 0
