@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 out, ranks = Path(sys.argv[1]), sys.argv[2]
-print("| case | ranks | threads/rank | train samples/s | fit s | stall | RMSE [K] |")
-print("|---|---|---|---|---|---|---|")
+print("| case | ranks | threads/rank | steps/epoch | train samples/s | fit s | stall | RMSE [K] |")
+print("|---|---|---|---|---|---|---|---|")
 speed = {}
 for n in ("1", ranks):
     for path in sorted((out / f"nproc{n}").glob("torch-*.json")):
@@ -30,10 +30,12 @@ for n in ("1", ranks):
             continue
         sps = r["throughput"]["train_samples_per_s"]
         speed[r["case"], n] = sps
+        loading = r["loading"]
+        stall = f"{loading['stall_fraction']:.1%} ± {loading['stall_ci95']:.1%}"
+        steps = ", ".join(str(int(e["steps"])) for e in r["epochs"])  # every rank takes these
         print(
-            f"| {r['case']} | {r.get('world_size', 1)} | {r['threads']} | {sps:,.0f} "
-            f"| {r['timing']['fit_s']:.1f} | {r['loading']['stall_fraction']:.1%} "
-            f"| {r['metrics']['rmse']:.3f} |"
+            f"| {r['case']} | {r.get('world_size', 1)} | {r['threads']} | {steps} | {sps:,.0f} "
+            f"| {r['timing']['fit_s']:.1f} | {stall} | {r['metrics']['rmse']:.3f} |"
         )
 for case in sorted({c for c, _ in speed}):
     if (case, "1") in speed and (case, ranks) in speed:
