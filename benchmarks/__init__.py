@@ -4,7 +4,7 @@
 - `cases`: every case of `cases/` end to end, on the `tiny` and `small` synthetic cubes.
 
 Run them with `nox -s asv` (HEAD, then the HTML), compare two commits with
-`nox -s asv-compare -- BASE HEAD`; CI gates on `benchmarks/gate.py`.
+`nox -s asv-compare -- BASE HEAD`; CI gates on `benchmarks/scripts/gate.py`.
 
 Cubes are written once per asv run into the `setup_cache` directory that every class shares,
 never taken from the user's cube cache: a commit that changes the generator is measured on

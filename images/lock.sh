@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate an image's lock: exact versions of every Python package the image installs.
-#   bash images/lock.sh cpu    # a fresh venv installs .[sklearn,torch,tf,track]; pip freeze
+#   bash images/lock.sh cpu    # a fresh venv installs .[sklearn,boost,torch,tf,track]; pip freeze
 #   bash images/lock.sh cuda   # pip resolves the CUDA set against the index (no install)
 # The CPU lock takes torch 2.13.0+cpu from pip's configured find-links (or PyTorch's CPU index).
 # The CUDA set: torch 2.10.0, the last PyPI build on CUDA 12 (2.11 and later are on CUDA 13),
@@ -16,7 +16,7 @@ case $flavour in
     venv=$(mktemp -d)
     trap 'rm -rf "$venv"' EXIT
     python3.11 -m venv "$venv"
-    "$venv/bin/pip" install --quiet '.[sklearn,torch,tf,track]'
+    "$venv/bin/pip" install --quiet '.[sklearn,boost,torch,tf,track]'
     { echo "$header"; "$venv/bin/pip" freeze --all --exclude cubebench; } >"$out"
     ;;
   cuda)
@@ -25,7 +25,8 @@ case $flavour in
     # the index only: no local find-links (they hold CPU builds of torch)
     PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS='' python3.11 -m pip install --dry-run \
       --ignore-installed --quiet --report "$report" \
-      '.[sklearn,track]' 'torch==2.10.0' 'tensorflow[and-cuda]==2.20.0' 'keras==3.15.1'
+      '.[sklearn,track]' 'torch==2.10.0' 'tensorflow[and-cuda]==2.20.0' 'keras==3.15.1' \
+      'xgboost==3.2.0'
     { echo "$header"; python3.11 -c '
 import json, sys
 report = json.load(open(sys.argv[1]))

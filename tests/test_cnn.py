@@ -46,7 +46,7 @@ def twins(c: int, out: int, window: tuple[int, int], widths=(16, 32), seed: int 
     from cubebench.models import torch as tm
 
     kmodel = km.build_unet(c, out, window, widths, seed=seed)
-    tmodel = tm.build_unet(c, out, widths, seed=seed)
+    tmodel = tm.build_unet(c, out, widths=widths, seed=seed)
     rng = np.random.default_rng(seed)
     kconvs, tconvs = km.unet_convolutions(kmodel), tmodel.convolutions()
     assert len(kconvs) == len(tconvs) == 4 * len(widths) + 3
@@ -95,7 +95,7 @@ def test_torch_and_keras_unets_have_the_same_parameters(widths):
     from cubebench.models import torch as tm
 
     expected = unet_parameters(6, 1, widths)
-    tmodel = tm.build_unet(6, 1, widths, seed=0)
+    tmodel = tm.build_unet(6, 1, widths=widths, seed=0)
     kmodel = km.build_unet(6, 1, (16, 16), widths, seed=0)
     assert sum(p.numel() for p in tmodel.parameters()) == expected
     assert kmodel.count_params() == expected

@@ -16,6 +16,8 @@ from cubebench.loading import ChunkStream, LoadStats
 from cubebench.metrics import RegressionMetrics
 from fake_cases import mean_case
 
+pytestmark = pytest.mark.slow
+
 RECORDER = textwrap.dedent('''
     import os
     import signal

@@ -24,6 +24,8 @@ from cubebench.task import PARTS, get_task, prepare_task
 from loopback import free_port
 from run_cli import run_cubebench
 
+pytestmark = pytest.mark.server
+
 WORKERS = 2
 
 

@@ -185,6 +185,20 @@ def test_variable_missing(tmp_path):
     assert "available: air_temperature_2m" in line
 
 
+def test_run_stops_before_any_case_when_a_variable_is_missing(tmp_path):
+    """The README's promise: a missing variable is one line and exit 2 before any case runs
+    (not a suite of failed cases), and no run is left behind."""
+    ds = xr.Dataset(
+        {"air_temperature_2m": (("time", "lat", "lon"), field(1), {"units": "K"})},
+        coords=grid_coords(),
+    )
+    cube = write_zarr(ds, tmp_path / "t2m-only.zarr")
+    out = tmp_path / "results"
+    proc = run_cubebench("run", "--cube", str(cube), "--out", str(out), "--no-tracking")
+    assert_user_error(proc, "land_surface_temperature", "not in cube")
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_aliases_prepare(tmp_path):
     """Positive control: short names and long coordinate names are understood."""
     dims = ("time", "latitude", "longitude")

@@ -22,6 +22,8 @@ from cubebench import results
 from fake_cases import mean_case
 from run_cli import CLI, run_cubebench
 
+pytestmark = pytest.mark.slow
+
 
 def _start(*args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(

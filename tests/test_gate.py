@@ -1,5 +1,5 @@
-"""The CI performance gate (benchmarks/gate.py): its verdicts, and real asv runs on two commits
-of a small git repository whose only change is a worse counter."""
+"""The CI performance gate (benchmarks/scripts/gate.py): its verdicts, and real asv runs on two
+commits of a small git repository whose only change is a worse counter."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from benchmarks.gate import compare, judge, kind_of
+from benchmarks.scripts.gate import compare, judge, kind_of
 
 REPO = Path(__file__).resolve().parents[1]
 COUNTER = "loading.LoaderCosts.track_chunks_decoded('small', 'numpy')"
 RMSE = "cases.CaseResult.track_test_rmse('torch-mlp', 'tiny')"
-TIME = "cases.CaseFit.time_fit('torch-mlp', 'tiny')"
+TIME = "loading.LoaderEpoch.time_epoch('ts', 'numpy')"
 RATIO = "loading.LoaderCosts.track_ratio_to_raw('map', 'tf')"
 
 
@@ -126,7 +126,7 @@ def toy_repo(tmp_path_factory) -> Path:
 
 
 def _gate(repo: Path, base: str, head: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "benchmarks.gate", "--config", str(repo / "asv.conf.json")]
+    cmd = [sys.executable, "-m", "benchmarks.scripts.gate", "--config", str(repo / "asv.conf.json")]
     cmd += ["--base", base, "--head", head, *SELECTION]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
@@ -137,6 +137,7 @@ def _table(gate: subprocess.CompletedProcess) -> list[str]:
     return [line for line in table if not line.startswith("gate:")]
 
 
+@pytest.mark.slow
 def test_gate_runs_asv_on_both_commits_and_fails_only_on_the_worse_counter(toy_repo):
     first = _commit(toy_repo, 45, 2.5, "first")
     same = _commit(toy_repo, 45, 2.5, "a change that costs nothing")
@@ -146,9 +147,11 @@ def test_gate_runs_asv_on_both_commits_and_fails_only_on_the_worse_counter(toy_r
     assert passed.returncode == 0, passed.stdout + passed.stderr
     assert "4 benchmarks, none got worse" in passed.stdout
     rows = {line.split()[0]: line.split()[1:5] for line in _table(passed)[1:]}
+    timing = rows.pop("bench.time_sum")  # a real timing on each commit: positive, not equal
+    assert timing[0] == "timing" and float(timing[1]) > 0 and float(timing[2]) > 0
+    assert float(timing[3]) == pytest.approx(float(timing[2]) / float(timing[1]), rel=2e-3)
     assert rows == {
         "bench.Param.track_chunks_decoded('tiny')": ["exact", "45", "45", "1.000"],
-        "bench.time_sum": ["timing", *rows["bench.time_sum"][1:]],
         "bench.track_chunks_decoded": ["exact", "45", "45", "1.000"],
         "bench.track_test_rmse": ["accuracy", "2.5", "2.5", "1.000"],
     }

@@ -28,6 +28,7 @@ CUBE_VARS = ("air_temperature_2m", "land_surface_temperature", "root_moisture")
 
 # xarray writes consolidated metadata by default; zarr warns that v3 does not specify it yet
 pytestmark = [
+    pytest.mark.server,  # dask LocalClusters
     pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
     pytest.mark.filterwarnings("ignore:Failed to open Zarr store with consolidated"),
 ]
@@ -97,6 +98,7 @@ def test_rechunked_copy_is_bit_identical(tmp_path, scheduler, zarr_format):
     assert_same_stored_cube(src, dst, dict.fromkeys(CUBE_VARS, (1, 45, 90)))
     assert_same_decoded(src, dst)
     assert zarr.open_group(dst, mode="r").attrs["cubebench_layout"] == "map"
+    assert zarr.open_group(dst, mode="r").metadata.consolidated_metadata is not None
     lst = zarr.open_group(dst, mode="r")["land_surface_temperature"][...]
     assert np.isnan(lst).any() and np.isfinite(lst).any()  # gaps and values both copied
 

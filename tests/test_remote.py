@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import xarray as xr
-from benchmarks.remote_vs_local import moto_server
+from benchmarks.scripts.remote_vs_local import moto_server
 
 from cubebench.cube import cube_fingerprint, make_cube, open_cube
 from cubebench.errors import CubeError
@@ -16,14 +16,16 @@ from cubebench.task import get_task, prepare_task
 from loopback import free_port
 from run_cli import run_cubebench
 
+pytestmark = pytest.mark.server
+
 BUCKET = "bucket"
 KEY = SECRET = "testing"  # moto_server's fake credentials
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A moto S3 server process (the one benchmarks/remote_vs_local.py measures against), with
-    fake credentials in the environment; yields its endpoint URL."""
+    """A moto S3 server process (the one benchmarks/scripts/remote_vs_local.py measures
+    against), with fake credentials in the environment; yields its endpoint URL."""
     with moto_server(tmp_path_factory.mktemp("moto") / "server.log") as url:
         yield url
 

@@ -12,6 +12,8 @@ from cubebench import results
 from fake_cases import mean_case
 from run_cli import run_cubebench
 
+pytestmark = pytest.mark.slow
+
 
 def _run(tmp_path, *args: str, run_id: str = "rep"):
     cases = tmp_path / "cases"

@@ -13,6 +13,8 @@ import pytest
 from cubebench import results
 from cubebench.discovery import discover
 
+pytestmark = pytest.mark.slow
+
 CASES = list(discover())
 FRAMEWORKS = {"torch", "keras"}
 # the rerun: one case per library and per kind of stream (pixels, windows); every case's own

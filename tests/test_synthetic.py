@@ -192,3 +192,21 @@ def test_netcdf_file_opens_with_same_values(tmp_path, tiny):
         np.testing.assert_array_equal(_bits(cube[name]), _bits(tiny[name]))
     task = prepare_task(get_task("lst-from-t2m"), cube)
     assert all(n > 0 for n in task.samples.values())
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_cubes_are_written_with_consolidated_metadata(tmp_path, cube_cache, fmt):
+    """As the ESDC's stores: one read of consolidated metadata opens the cube, and xarray
+    opens it without a warning (it warns about stores without)."""
+    import warnings
+
+    path = make_cube("tiny", layout="ts", zarr_format=fmt, output=tmp_path / f"v{fmt}.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with xr.open_zarr(path) as ds:
+            assert "land_surface_temperature" in ds
+    if fmt == 3:
+        root = json.loads((path / "zarr.json").read_text())
+        assert set(root["consolidated_metadata"]["metadata"]) >= {"land_surface_temperature"}
+    else:
+        assert (path / ".zmetadata").is_file()

@@ -30,6 +30,8 @@ from fake_cases import mean_case
 from loopback import free_port
 from run_cli import CLI, run_cubebench
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-8d7c6b5a",
     "MLFLOW_TRACKING_TOKEN": "fake-mlflow-token-1f2e3d",

@@ -233,48 +233,26 @@ RUN_SETTINGS = (
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from cubebench.cube import open_cube
-    from cubebench.discovery import discover, select
+    from cubebench.discovery import discover
     from cubebench.progress import SuiteProgress
     from cubebench.report import write_report
-    from cubebench.runner import claim_run_dir, hold_run, jobs, resume_settings, run_suite
-    from cubebench.tracking import SuiteTracker, sync
+    from cubebench.runner import claim_run_dir, hold_run, jobs, run_suite
+    from cubebench.tracking import SuiteTracker
 
     available = discover(args.cases_dir)
     options = _storage_options(args.storage_option)
-    if args.resume:
-        defaults = vars(build_parser().parse_args(["run"]))
-        given = [k for k in RUN_SETTINGS if getattr(args, k) != defaults[k]]
-        if given:
-            flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise CubebenchError(f"--resume takes the settings of the run it resumes; drop {flags}")
-        settings = resume_settings(args.out, args.resume)
-        select(available, ",".join(settings["cases"]))  # every case file is still there
-        run_dir = Path(args.out) / args.resume
-    else:
-        settings = {
-            "cube": args.cube,
-            "cases": select(available, args.cases),
-            "device": args.device,
-            "epochs": args.epochs,
-            "seed": args.seed,
-            "threads": args.threads,
-            "timeout": args.timeout,
-            "nproc": args.nproc,
-            "repeat": args.repeat,
-            "vary_split": args.vary_split,
-        }
+    settings = _run_settings(args, available)
     cube = open_cube(settings["cube"], storage_options=options)  # a bad cube fails here
     splits = range(settings["repeat"]) if settings["vary_split"] else range(1)
     _preflight(cube, {available[name][1].task for name in settings["cases"]}, splits)
-    if not args.resume:
-        run_dir = claim_run_dir(args.out, args.run_id)
+    run_dir = Path(args.out) / args.resume if args.resume else claim_run_dir(args.out, args.run_id)
     cases = settings["cases"]
     signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, a batch system: as Ctrl-C
     tracker = None if args.no_tracking else SuiteTracker(run_dir, args.experiment)
     try:
         with hold_run(run_dir), SuiteProgress(jobs(cases, settings["repeat"])) as progress:
             if tracker:
-                tracker.warn = progress.warn
+                tracker.warn_with(progress.warn)
             outcomes = run_suite(
                 **settings,
                 available=available,
@@ -297,14 +275,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"cannot write results in {run_dir}: {error.strerror or error}; finished cases are "
             f"intact: free space, then `cubebench run --resume {run_dir.name} --out {args.out}`"
         ) from None
-    if tracker and args.resume and tracker.online:
-        try:  # the cases an earlier, interrupted attempt could not push go too
-            sync(run_dir, args.experiment)
-            tracker.synced = list(cases)
-        except CubebenchError as error:
-            tracker.offline_reason = str(error)
-    elif tracker:
-        tracker.suite_finished()
+    if tracker:
+        tracker.finish(resumed=bool(args.resume))
     for change in _resume_changes(run_dir):
         print(
             f"warning: resumed with another {change} than the first cases ran with", file=sys.stderr
@@ -312,26 +284,49 @@ def _cmd_run(args: argparse.Namespace) -> int:
     failed = [o for o in outcomes if o.status != "ok"]
     print(f"results: {run_dir}")
     print(f"report:  {next((p for p in paths if p.suffix == '.md'), run_dir)}")
-    if tracker and tracker.online:
-        print(f"mlflow:  {scrub(tracker.store.uri)} (run {tracker.parent})")
-    elif tracker:
-        pending = len(cases) - len(tracker.synced)
-        print(
-            f"warning: mlflow is offline ({tracker.offline_reason}); {pending} of {len(cases)} "
-            f"cases are only on disk: push them with `cubebench sync {run_dir}`",
-            file=sys.stderr,
-        )
+    if tracker:
+        line, warning = tracker.summary(cases)
+        print(line, file=sys.stderr if warning else sys.stdout)
     for outcome in failed:
         print(f"failed:  {outcome.name}: {outcome.reason}", file=sys.stderr)
     return 1 if failed else 0
 
 
+def _run_settings(args: argparse.Namespace, available: dict) -> dict:
+    """What `run_suite` runs: the command line's settings, or with `--resume` the resumed
+    run's (given together with other settings, they are a mistake: one line)."""
+    from cubebench.discovery import select
+    from cubebench.runner import resume_settings
+
+    if not args.resume:
+        return {
+            "cube": args.cube,
+            "cases": select(available, args.cases),
+            "device": args.device,
+            "epochs": args.epochs,
+            "seed": args.seed,
+            "threads": args.threads,
+            "timeout": args.timeout,
+            "nproc": args.nproc,
+            "repeat": args.repeat,
+            "vary_split": args.vary_split,
+        }
+    defaults = vars(build_parser().parse_args(["run"]))
+    given = [k for k in RUN_SETTINGS if getattr(args, k) != defaults[k]]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise CubebenchError(f"--resume takes the settings of the run it resumes; drop {flags}")
+    settings = resume_settings(args.out, args.resume)
+    select(available, ",".join(settings["cases"]))  # every case file is still there
+    return settings
+
+
 def _preflight(cube, tasks: set[str], splits: range = range(1)) -> None:
     """Prepare every task once (with every split seed the repeats will use) before any case
-    starts: a region without valid samples or too few blocks for a split is one line now, not
-    the same failure in every case. Other problems (an unreadable chunk) are left to the
-    cases that meet them."""
-    from cubebench.errors import TaskError
+    starts: a variable the cube lacks, a region without valid samples or too few blocks for a
+    split is one line now, not the same failure in every case. An unreadable chunk and other
+    problems are left to the cases that meet them (each says which)."""
+    from cubebench.errors import ChunkReadError
     from cubebench.task import get_task, prepare_task
 
     for name in sorted(tasks):
@@ -339,7 +334,9 @@ def _preflight(cube, tasks: set[str], splits: range = range(1)) -> None:
             spec = get_task(name)
             try:
                 prepare_task(get_task(name, seed=spec.seed + offset), cube)
-            except TaskError as error:
+            except ChunkReadError:
+                pass
+            except CubebenchError as error:
                 seed = f" (split seed {spec.seed + offset})" if offset else ""
                 raise CubebenchError(f"task {name}{seed}: {error}") from None
             except Exception:

@@ -35,12 +35,16 @@ TAG_CASE = "cubebench.case"
 TAG_ROLE = "cubebench.role"  # suite | case | repeat
 TAG_REPEAT = "cubebench.repeat"  # the repeat index of a `repeat` run
 TAG_COMPLETE = "cubebench.complete"  # "true" once everything of the run is logged
-# A dead server must cost seconds, not mlflow's default of 7 retries with backoff (minutes).
-HTTP_DEFAULTS = {
+# A dead server must cost seconds, not mlflow's default of 7 retries with backoff (minutes);
+# and mlflow 3 sends usage telemetry to the internet: results go to the tracking URI only
+ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
 }
+# mlflow's UI opens an experiment of this kind on its runs (not on the GenAI overview)
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 SYSTEM_METRICS_INTERVAL_S = 2.0
 _BATCH = 500  # below mlflow's log_batch limits (1000 metrics, 100 params)
 
@@ -62,7 +66,7 @@ def _artifact_root(uri: str, results_root: Path) -> str | None:
 
 
 def _client(uri: str):
-    for name, value in HTTP_DEFAULTS.items():
+    for name, value in ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     try:
         from mlflow.tracking import MlflowClient
@@ -74,16 +78,21 @@ def _client(uri: str):
 
 
 def _experiment_id(client, name: str, artifact_root: str | None) -> str:
+    """The experiment's id, created (as model development, see EXPERIMENT_TAGS) if new."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_root)
-    except Exception:  # another suite created it meanwhile
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(
+                name, artifact_location=artifact_root, tags=EXPERIMENT_TAGS
+            )
+        except Exception:  # another suite created it meanwhile
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    for key, value in EXPERIMENT_TAGS.items():  # experiments made before the tag was set
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def _find_runs(client, experiment_id: str, run_id: str, role: str, case: str | None = None):
@@ -418,6 +427,37 @@ class SuiteTracker:
     @property
     def online(self) -> bool:
         return self.offline_reason is None
+
+    def warn_with(self, warn: Warn) -> None:
+        """Say future warnings through `warn` (the progress display's line)."""
+        self.warn = warn
+
+    def finish(self, resumed: bool = False) -> None:
+        """After the report: the suite's parent run gets the manifest and the report. A
+        resumed suite first pushes whatever an earlier, interrupted attempt could not
+        (`sync`: only what the store lacks)."""
+        if not self.online:
+            return
+        if not resumed:
+            self.suite_finished()
+            return
+        try:
+            sync(self.run_dir, self.experiment)
+            manifest = results.read_json(self.run_dir / results.RUN_MANIFEST)
+            self.synced = list(manifest.get("cases", []))
+        except CubebenchError as error:
+            self.offline_reason = str(error)
+
+    def summary(self, cases: list[str]) -> tuple[str, bool]:
+        """The line `cubebench run` ends with about mlflow, and whether it is a warning."""
+        if self.online and self.store is not None:
+            return f"mlflow:  {scrub(self.store.uri)} (run {self.parent})", False
+        pending = len(cases) - len(set(self.synced))
+        return (
+            f"warning: mlflow is offline ({self.offline_reason}); {pending} of {len(cases)} "
+            f"cases are only on disk: push them with `cubebench sync {self.run_dir}`",
+            True,
+        )
 
     def _fail(self, error: BaseException) -> None:
         self._stop_monitor()

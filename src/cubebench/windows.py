@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cubebench.cube.synthetic import splitmix64
 from cubebench.errors import TaskError
+from cubebench.hashing import splitmix64
 
 Triple = tuple[int, int, int]
 GAP_KEY = 0x6761_7066_696C_6C21  # "gapfill!": keeps the gap hash apart from other hashes

@@ -228,10 +228,10 @@ def _copy(
             client.run(_close_s3_sessions)
         result.peak_worker_rss_mb = memory.peak_mb
         result.baseline_worker_rss_mb = memory.baseline_mb
-    if group.metadata.consolidated_metadata is not None:  # as the source has it
-        with warnings.catch_warnings():  # zarr: "not part of the Zarr format 3 specification"
-            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-            zarr.consolidate_metadata(tmp, zarr_format=fmt)
+    # consolidated, as the ESDC's stores are: one read opens the cube, and xarray does not warn
+    with warnings.catch_warnings():  # zarr: "not part of the Zarr format 3 specification"
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(tmp, zarr_format=fmt)
 
 
 def _close_s3_sessions() -> None:

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 import uuid
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -33,6 +34,7 @@ import xarray as xr
 from cubebench.cluster import dask_client, parse_local
 from cubebench.cube.schema import PROFILES, Profile
 from cubebench.errors import CubeError
+from cubebench.hashing import splitmix64
 
 GENERATOR_VERSION = 1
 STEPS_PER_YEAR = 46  # ESDC 8-daily axis: 46 steps per year, restarting on 1 January
@@ -155,14 +157,6 @@ def _climatology_k(lat_deg: np.ndarray, angle: np.ndarray) -> np.ndarray:
 
 
 # --- deterministic random fields -----------------------------------------------------------
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """A counter-based hash: uniform uint64 from any uint64, so noise needs no RNG state."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
 
 
 def hashed_normal(
@@ -508,17 +502,14 @@ def write_cube(
         first = next(iter(ds.data_vars.values()))
         chunks = tuple(c[0] for c in first.chunks)
         encoding = {name: _encoding(chunks, zarr_format) for name in ds.data_vars}
-        # consolidated metadata is standard in Zarr v2 only; v3 keeps one zarr.json per node
-        # an active client: to_zarr computes on its workers (the generator's temporaries are
-        # large and short-lived: glibc's malloc defaults suit them, see dask_client)
-        with dask_client(scheduler, malloc_trim=False):
-            ds.to_zarr(
-                tmp,
-                mode="w",
-                zarr_format=zarr_format,
-                encoding=encoding,
-                consolidated=zarr_format == 2,
-            )
+        # consolidated metadata in both formats, as the ESDC's stores have it (xarray warns
+        # when opening a store without); an active client: to_zarr computes on its workers
+        # (the generator's temporaries are large and short-lived: glibc's malloc defaults
+        # suit them, see dask_client)
+        with dask_client(scheduler, malloc_trim=False), warnings.catch_warnings():
+            # zarr: consolidated metadata is "not part of the Zarr format 3 specification"
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            ds.to_zarr(tmp, mode="w", zarr_format=zarr_format, encoding=encoding, consolidated=True)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():

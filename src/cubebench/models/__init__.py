@@ -4,6 +4,7 @@ module stays framework-free."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,23 +86,29 @@ def log_grouped(
     return first_epoch + len(groups)
 
 
-def log_boosting_curve(
-    context: Context, model: Any, seconds: float, *, records: int = 10, **extra: float
+def log_curve(
+    context: Context,
+    train: Sequence[float],
+    val: Sequence[float],
+    seconds: float,
+    *,
+    records: int = 10,
+    **extra: float,
 ) -> None:
-    """Log a fitted scikit-learn gradient-boosting model's training and validation MSE at
-    `records` evenly spaced iterations as epoch records (fit `seconds` shared out by trees),
-    so its loss curve sits beside the networks'. Each record carries `iterations`."""
-    # scores are -loss, and the loss is half the squared error; index 0 = no tree yet
-    train = -2.0 * np.asarray(model.train_score_)
-    val = -2.0 * np.asarray(model.validation_score_)
-    n_iter = model.n_iter_
+    """Log a boosting curve (training and validation MSE after 0, 1, 2... iterations: index 0
+    is the model without any tree) at `records` evenly spaced iterations as epoch records,
+    the fit `seconds` shared out by iterations, so that its loss curve sits beside the
+    networks'. Each record carries `iterations`."""
+    n_iter = len(train) - 1
+    if n_iter < 1:
+        return
     marks = sorted({max(1, round(k * n_iter / records)) for k in range(1, records + 1)})
     done = 0
     for epoch, it in enumerate(marks):
         context.log_epoch(
             epoch,
-            train[it],
-            val[it],
+            float(train[it]),
+            float(val[it]),
             seconds=seconds * (it - done) / n_iter,
             samples=0,
             of=len(marks),
@@ -109,6 +116,16 @@ def log_boosting_curve(
             **extra,
         )
         done = it
+
+
+def log_boosting_curve(
+    context: Context, model: Any, seconds: float, *, records: int = 10, **extra: float
+) -> None:
+    """`log_curve` of a fitted scikit-learn gradient-boosting model (its scores are -loss,
+    the loss half the squared error)."""
+    train = -2.0 * np.asarray(model.train_score_)
+    val = -2.0 * np.asarray(model.validation_score_)
+    log_curve(context, train, val, seconds, records=records, **extra)
 
 
 def hidden_widths(value, name: str = "hidden") -> tuple[int, ...]:

@@ -47,9 +47,15 @@ def seed_and_threads(seed: int, threads: int) -> None:
         pass
 
 
-def device_scope(device: str):
-    """A `tf.device` scope for "cpu" or "cuda" (TensorFlow calls the GPU "GPU")."""
+def on_device(device: str):
+    """A `tf.device` scope for "cpu" or "cuda" (TensorFlow calls the GPU "GPU"): models are
+    built and run inside it."""
     return tf.device("/GPU:0" if device.startswith("cuda") else "/CPU:0")
+
+
+def to_device(model: keras.Model, device: str) -> keras.Model:
+    """Keras places a model where it was built (`on_device`)."""
+    return model
 
 
 def build_mlp(
@@ -363,6 +369,7 @@ def fit_stream(
     epochs: int,
     lr: float,
     alpha: float = 0.0,
+    first_epoch: int = 0,
     of: int | None = None,
 ) -> EpochLog:
     """`model.fit` over the stream's tf.data pipeline for `epochs` epochs (Adam, cosine decay
@@ -382,7 +389,7 @@ def fit_stream(
     with context.phase("warmup"):
         compile_model(model, lr, epochs * steps, alpha, masked=windows)
         warm_up(model, resident, validates=val is not None)
-    log = EpochLog(context, context.task.samples[train.part], steps, epochs, of=of)
+    log = EpochLog(context, context.task.samples[train.part], steps, epochs, first_epoch, of)
     iterator = iter(resident)
     last: list = []
 
@@ -457,9 +464,13 @@ def warm_up_predict(model: keras.Model) -> None:
     predict(model, np.zeros((1, *model.inputs[0].shape[1:]), np.float32))
 
 
-def predict(model: keras.Model, x: np.ndarray) -> np.ndarray:
+def predict(model: keras.Model, x: np.ndarray, device: str | None = None) -> np.ndarray:
     """Normalised predictions, float32, in batches of `EVAL_BATCH` pixels: 1-D for pixels
-    `x[B, F]`, `[B, t, h, w]` for windows `x[B, C, h, w]`."""
+    `x[B, F]`, `[B, t, h, w]` for windows `x[B, C, h, w]` (on `device` when given, else in
+    the enclosing device scope)."""
+    if device is not None:
+        with on_device(device):
+            return predict(model, x)
     x = np.ascontiguousarray(x, np.float32)
     function = _predict_function(model)
     if x.ndim != 2:

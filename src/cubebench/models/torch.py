@@ -39,6 +39,20 @@ def seed_and_threads(seed: int, threads: int) -> None:
     torch.set_num_threads(max(1, int(threads)))
 
 
+def on_device(device: str) -> contextlib.AbstractContextManager:
+    """Where models are built and run: torch places them itself (`to_device`)."""
+    return contextlib.nullcontext()
+
+
+def to_device(model: nn.Module, device: str) -> nn.Module:
+    return model.to(device)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """An independent copy with the same weights."""
+    return copy.deepcopy(model)
+
+
 def build_mlp(
     n_features: int,
     hidden: Sequence[int] = (64, 64),
@@ -126,10 +140,12 @@ def _double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
 def build_unet(
     in_channels: int,
     out_channels: int,
+    window: tuple[int, int] | None = None,
     widths: Sequence[int] = (16, 32),
     seed: int | None = None,
 ) -> UNet:
-    """The U-Net (`UNet`): `[B, in_channels, h, w]` in, `[B, out_channels, h, w]` out;
+    """The U-Net (`UNet`): `[B, in_channels, h, w]` in, `[B, out_channels, h, w]` out, for
+    windows of any size (`window`, which Keras' graph needs, is not needed here);
     Glorot-uniform weights and zero biases, from a generator of `seed` if one is given."""
     generator = None if seed is None else torch.Generator().manual_seed(int(seed))
     model = UNet(in_channels, out_channels, widths)

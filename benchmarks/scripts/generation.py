@@ -1,6 +1,7 @@
 """Synthetic cube generation: wall time and peak RSS per preset, each in a fresh process.
 
-    python benchmarks/generation.py [--presets small medium] [--chunks 46,90,90] [--layout balanced]
+    python benchmarks/scripts/generation.py [--presets small medium] [--chunks 46,90,90]
+        [--layout balanced]
 
 Peak RSS must not grow with the cube (memory is bounded by chunks): the script prints the
 ratio of each preset's peak RSS to the first one's. The coastline mask is cached before timing

@@ -1,7 +1,7 @@
 """Loader throughput from an S3 API against the same cube on local disk.
 
-    python benchmarks/remote_vs_local.py [--cube synthetic:small] [--threads 1 4] [--epochs 1]
-        [--reader zarr] [--latency-ms 0 20] [--json]
+    python benchmarks/scripts/remote_vs_local.py [--cube synthetic:small] [--threads 1 4]
+        [--epochs 1] [--reader zarr] [--latency-ms 0 20] [--json]
 
 Starts a moto S3 server on 127.0.0.1 (a real HTTP server in its own process), uploads the cube
 to it, then runs `bench_loader` on the local copy and on `s3://bench/<name>` with the same

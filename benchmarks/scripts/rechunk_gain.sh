@@ -2,8 +2,8 @@
 # What a rechunked copy buys the loader: `cubebench rechunk` a `ts` cube to balanced and map,
 # then `bench-loader` on the original and on each copy. One JSON line per task and cube, with
 # samples/s (pairs or windows) and its ratio to the ts original's; the copies are removed after.
-#   bash benchmarks/rechunk_gain.sh [preset] [epochs] [task ...]
-# e.g. bash benchmarks/rechunk_gain.sh small 3 lst-from-t2m lst-gapfill
+#   bash benchmarks/scripts/rechunk_gain.sh [preset] [epochs] [task ...]
+# e.g. bash benchmarks/scripts/rechunk_gain.sh small 3 lst-from-t2m lst-gapfill
 set -euo pipefail
 preset=${1:-small}
 epochs=${2:-3}

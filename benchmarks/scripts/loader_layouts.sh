@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Loader vs raw decode per layout and adapter, one JSON line each (bench-loader, same run).
-#   bash benchmarks/loader_layouts.sh [preset] [epochs] [pixel|patch]
+#   bash benchmarks/scripts/loader_layouts.sh [preset] [epochs] [pixel|patch]
 # patch: the 16 x 16 windows of lst-gapfill (items are windows, not pixel pairs).
 set -euo pipefail
 preset=${1:-small}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Training throughput of the torch DDP cases on 1 rank vs N ranks, in one run (the ranks share
 # the thread budget: on N ranks each has THREADS/N threads).
-#   bash benchmarks/ddp_scaling.sh [CUBE] [RANKS] [THREADS] [EPOCHS]
+#   bash benchmarks/scripts/ddp_scaling.sh [CUBE] [RANKS] [THREADS] [EPOCHS]
 set -euo pipefail
 cube=${1:-synthetic:small}
 ranks=${2:-2}

@@ -1,6 +1,6 @@
 """The CI performance gate: run the asv suite on two commits and fail when HEAD got worse.
 
-    python -m benchmarks.gate [--base HEAD~1] [--head HEAD] [--bench REGEX ...] [--factor 3]
+    python -m benchmarks.scripts.gate [--base HEAD~1] [--head HEAD] [--bench REGEX ...] [--factor 3]
 
 Both commits run in the current environment (asv's `--python=same`), each from its own git
 worktree put first on the import path (`ASV_PYTHONPATH`), with HEAD's benchmark code, as
