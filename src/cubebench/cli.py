@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
 
+from cubebench import interrupts
 from cubebench.errors import CubebenchError
 from cubebench.redact import scrub
 
@@ -247,7 +247,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _preflight(cube, {available[name][1].task for name in settings["cases"]}, splits)
     run_dir = Path(args.out) / args.resume if args.resume else claim_run_dir(args.out, args.run_id)
     cases = settings["cases"]
-    signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, a batch system: as Ctrl-C
     tracker = None if args.no_tracking else SuiteTracker(run_dir, args.experiment)
     try:
         with hold_run(run_dir), SuiteProgress(jobs(cases, settings["repeat"])) as progress:
@@ -341,10 +340,6 @@ def _preflight(cube, tasks: set[str], splits: range = range(1)) -> None:
                 raise CubebenchError(f"task {name}{seed}: {error}") from None
             except Exception:
                 pass
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _resume_changes(run_dir: Path) -> list[str]:
@@ -540,8 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    interrupts.install()  # Ctrl-C and SIGTERM (`docker stop`) interrupt, and are never lost
     try:
-        return args.func(args)
+        code = args.func(args)
+        if code == 0:
+            interrupts.check()  # an interrupt a library swallowed on the way: not a success
+        return code
     except CubebenchError as exc:
         print(f"cubebench: error: {_one_line(str(exc))}", file=sys.stderr)
         # zarr's reads still pending when a store fails to open are destroyed at exit, and

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cubebench import results
+from cubebench import interrupts, results
 from cubebench.case import Case
 from cubebench.errors import CubebenchError
 from cubebench.locks import file_lock
@@ -94,7 +94,7 @@ def run_case(
         reader.start()
         timed_out = False
         try:
-            returncode = proc.wait(timeout=timeout)
+            returncode = interrupts.wait(proc, timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
             _kill_group(proc)
@@ -323,6 +323,7 @@ def run_suite(
     outcomes = []
     try:
         for case, r in todo:
+            interrupts.check()  # an interrupt swallowed somewhere stops the suite here
             name = results.result_name(case, r)
             if name in done:
                 outcome = done[name]

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import dask.array as da
 import zarr
 
+from cubebench import interrupts
 from cubebench.cluster import dask_client, parse_local
 from cubebench.cube.access import _is_remote, open_cube
 from cubebench.cube.schema import COORD_ALIASES, DIMS
@@ -212,6 +213,7 @@ def _copy(
         with _WorkerMemory(client) as memory:
             result.workers = len(client.scheduler_info()["workers"])
             for batch in _batches({n: arrays[n] for n, c in plan.items() if c is not None}):
+                interrupts.check()
                 began = time.perf_counter()
                 sources = [arrays[name] for name in batch]
                 targets = [_create_like(out, n, arrays[n], plan[n], write=False) for n in batch]
@@ -301,6 +303,7 @@ def _write_atomically(dst: Path, write) -> None:
     try:  # made inside the try: an interrupt right after mkdir still removes it
         tmp.mkdir()
         write(tmp)
+        interrupts.check()  # interrupted, even where a library swallowed it: commit nothing
         if dst.exists() or dst.is_symlink():
             os.replace(dst, old)
         try:

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from cubebench import interrupts
 from cubebench.cluster import dask_client, parse_local
 from cubebench.cube.schema import PROFILES, Profile
 from cubebench.errors import CubeError
@@ -510,6 +511,7 @@ def write_cube(
             # zarr: consolidated metadata is "not part of the Zarr format 3 specification"
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             ds.to_zarr(tmp, mode="w", zarr_format=zarr_format, encoding=encoding, consolidated=True)
+        interrupts.check()  # interrupted, even where a library swallowed it: commit nothing
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
