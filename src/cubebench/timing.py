@@ -27,8 +27,8 @@ from typing import Any
 
 from cubebench import ranks
 
-BURST_SECONDS = 0.05  # a burst of resident steps lasts about this long ...
-BURST_EVERY_S = 0.25  # ... once per this much training loop: the probe adds ~20 %
+BURST_SECONDS = 0.05  # a burst of resident steps lasts at least about this long ...
+PROBE_SHARE = 0.15  # ... and comes every block / PROBE_SHARE steps: the probe adds ~15 %
 MIN_BURSTS = 10  # the interval needs some degrees of freedom: more bursts on short loops
 MAX_BURST_STEPS = 1000
 
@@ -124,8 +124,8 @@ class InterleavedProbe:
     `before_step()` is called before every training step; every `every`-th call (the first
     included) runs a burst of `block` steps inside `preserved()` (which puts the model back)
     and returns the seconds it took, which the loop's clock leaves out. The first burst
-    calibrates `block` (about BURST_SECONDS) and `every` (about BURST_EVERY_S of loop, and at
-    least MIN_BURSTS over `planned_steps`), agreed by every rank. `finish()` adds bursts up to
+    calibrates `block` (about BURST_SECONDS of steps) and `every` (block / PROBE_SHARE steps,
+    fewer when that leaves less than MIN_BURSTS over `planned_steps`), agreed by every rank. `finish()` adds bursts up to
     MIN_BURSTS when the loop was shorter than planned and returns the step timing.
     """
 
@@ -171,7 +171,7 @@ class InterleavedProbe:
         self.sync()
         estimate = max((time.perf_counter() - start) / 2, 1e-9)
         block = max(1, min(MAX_BURST_STEPS, math.ceil(BURST_SECONDS / estimate)))
-        every = max(1, min(round(BURST_EVERY_S / estimate), self.planned_steps // MIN_BURSTS))
+        every = max(1, min(round(block / PROBE_SHARE), self.planned_steps // MIN_BURSTS))
         agreed = ranks.gather((block, every))  # collective steps: one schedule for all ranks
         self.block = max(b for b, _ in agreed)
         self.every = max(e for _, e in agreed)
