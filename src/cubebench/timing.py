@@ -125,8 +125,9 @@ class InterleavedProbe:
     included) runs a burst of `block` steps inside `preserved()` (which puts the model back)
     and returns the seconds it took, which the loop's clock leaves out. The first burst
     calibrates `block` (about BURST_SECONDS of steps) and `every` (block / PROBE_SHARE steps,
-    fewer when that leaves less than MIN_BURSTS over `planned_steps`), agreed by every rank. `finish()` adds bursts up to
-    MIN_BURSTS when the loop was shorter than planned and returns the step timing.
+    fewer when that leaves less than MIN_BURSTS over `planned_steps`), agreed by every rank.
+    `finish()` adds bursts up to MIN_BURSTS when the loop was shorter than planned and
+    returns the step timing.
     """
 
     step: Callable[[Any], Any]
