@@ -66,6 +66,7 @@ def faulty_run(tmp_path_factory):
     return proc, out / "faults"
 
 
+@pytest.mark.slow  # a suite with a case that hangs until its timeout
 def test_faults_become_failed_results_and_the_suite_goes_on(faulty_run):
     proc, run_dir = faulty_run
     assert proc.returncode == 1, proc.stderr  # some cases failed
@@ -90,6 +91,7 @@ def test_faults_become_failed_results_and_the_suite_goes_on(faulty_run):
     assert "Traceback" in (run_dir / "logs" / "raises.log").read_text()
 
 
+@pytest.mark.slow  # a suite with a case that hangs until its timeout
 def test_metrics_equal_a_numpy_reference(faulty_run, tiny_task):
     _, run_dir = faulty_run
     result = json.loads((run_dir / "mean.json").read_text())
@@ -118,6 +120,7 @@ def test_metrics_equal_a_numpy_reference(faulty_run, tiny_task):
     assert result["environment"]["threads"]["per_case"] == 1
 
 
+@pytest.mark.slow  # a suite with a case that hangs until its timeout
 def test_report_lists_every_case(faulty_run):
     _, run_dir = faulty_run
     table = (run_dir / "report.md").read_text()

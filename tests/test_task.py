@@ -146,6 +146,7 @@ def test_region_split_drops_blocks_touching_both_boxes(tiny):
     assert not source & target
 
 
+@pytest.mark.server  # a dask LocalCluster
 def test_statistics_on_a_dask_cluster_equal_single_process(tiny_task, tiny):
     """A real LocalCluster of worker processes computes the same split and statistics."""
     distributed = prepare_task(get_task("lst-from-t2m"), tiny, scheduler="local")
