@@ -25,13 +25,20 @@ from run_cli import CLI, run_cubebench
 pytestmark = pytest.mark.slow
 
 
-def _start(*args: str, env: dict | None = None) -> subprocess.Popen:
+def _ignore_sigint() -> None:
+    """What a non-interactive shell does to a command it starts in the background (`cmd &`,
+    a CI harness): SIGINT ignored, inherited through exec."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start(*args: str, env: dict | None = None, background: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
         [*CLI, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env or os.environ,
+        preexec_fn=_ignore_sigint if background else None,
     )
 
 
@@ -111,11 +118,23 @@ def _fits(files: dict) -> list[str]:
     return files["counter"].read_text().split()
 
 
-# SIGINT (Ctrl-C) takes the path SIGTERM takes; it is the stop of the tracking test below
-@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+# SIGINT (Ctrl-C) takes the path SIGTERM takes; it is the stop of the tracking test below.
+# "SIGINT to a background job": a suite started with SIGINT ignored (as `cmd &` in a script
+# or a CI harness starts it, which Python then leaves ignored) still stops on SIGINT
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL", "SIGINT to a background job"])
 def test_a_stopped_suite_keeps_its_results_and_resume_runs_only_the_rest(held_suite, stop):
     args, out, files = held_suite
-    suite = _start("run", *args, "--run-id", "stopped", "--threads", "1", "--no-tracking")
+    background = stop == "SIGINT to a background job"
+    suite = _start(
+        "run",
+        *args,
+        "--run-id",
+        "stopped",
+        "--threads",
+        "1",
+        "--no-tracking",
+        background=background,
+    )
     run_dir = out / "stopped"
     try:
         _wait_for(files["pids"], suite)
@@ -126,7 +145,7 @@ def test_a_stopped_suite_keeps_its_results_and_resume_runs_only_the_rest(held_su
             "run", "--resume", "stopped", "--out", str(out), "--cases-dir", args[3]
         )
         assert_one_line_error(busy, "still running")
-        suite.send_signal(getattr(signal, stop))
+        suite.send_signal(signal.SIGINT if background else getattr(signal, stop))
         _, stderr = suite.communicate(timeout=60)
     finally:
         suite.kill()

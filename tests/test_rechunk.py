@@ -248,9 +248,11 @@ def test_failed_rechunk_leaves_the_destination_as_it_was(tmp_path, scheduler):
     assert [p.name for p in out.iterdir()] == ["old.zarr"]
 
 
-def test_interrupted_rechunk_leaves_no_destination(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background job"])
+def test_interrupted_rechunk_leaves_no_destination(tmp_path, background):
     """SIGINT while the copy is being made (here: its cluster starting): exit 130, nothing
-    left at DST or beside it."""
+    left at DST or beside it; also when started as a background job, which inherits SIGINT
+    ignored (a script's `cmd &`, a CI harness) and Python would leave it so."""
     out = tmp_path / "out"
     out.mkdir()
     args = ["synthetic:tiny?layout=ts", str(out / "new.zarr"), "--layout", "map"]
@@ -258,6 +260,7 @@ def test_interrupted_rechunk_leaves_no_destination(tmp_path):
         [sys.executable, "-m", "cubebench", "rechunk", *args, "--dask-scheduler", "local:1"],
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None,
     )
     deadline = time.monotonic() + 60
     while not any(out.iterdir()) and proc.poll() is None and time.monotonic() < deadline:

@@ -1,5 +1,10 @@
 """Ctrl-C and SIGTERM that are never lost.
 
+A command started in the background by a non-interactive shell (`cmd &` in a script, a CI
+harness) inherits SIGINT *ignored*, and Python then leaves it ignored: Ctrl-C or `kill -INT`
+did nothing, a suite went on waiting for its case, a rechunk completed and exited 0 (the two
+"races" a busy CI machine showed). `install` sets the handlers whatever the command inherited.
+
 Python turns SIGINT into a KeyboardInterrupt raised wherever the main thread happens to be.
 When that is a finalizer (`__del__`, a weakref callback: garbage collection runs them at any
 allocation) or library code that catches everything, the exception is printed as "ignored" or
@@ -27,8 +32,9 @@ def _on_signal(signum: int, frame: object) -> None:
 
 
 def install() -> None:
-    """Ctrl-C and SIGTERM (`docker stop`, a batch system) both interrupt, and are latched.
-    The main thread of the main interpreter only (where Python runs signal handlers)."""
+    """Ctrl-C and SIGTERM (`docker stop`, a batch system) both interrupt, and are latched,
+    also where the process inherited them ignored. The main thread only (where Python runs
+    signal handlers)."""
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _on_signal)
