@@ -419,15 +419,9 @@ def plot_cube(
 
 def split_map(task: PreparedTask) -> np.ndarray:
     """(time blocks, lat, lon) array of part indices per pixel (index into `task.blocks`'s
-    parts; -1 where a block belongs to no part)."""
-    nt = len(task.block_edges[0]) - 1
-    ny, nx = len(task.coords.lat), len(task.coords.lon)
-    out = np.full((nt, ny, nx), -1, np.int8)
-    for code, blocks in enumerate(task.blocks.values()):
-        for t, y, x in blocks:
-            _, ys, xs = task.block_slices((t, y, x))
-            out[t, ys, xs] = code
-    return out
+    parts; -1 where a block belongs to no part or was left out by the buffer)."""
+    codes = task.part_of_block[:, task.grid.index(1)][:, :, task.grid.index(2)]
+    return np.where(codes >= 0, codes, -1).astype(np.int8)
 
 
 def plot_split(task: PreparedTask, max_panels: int = 6):
@@ -485,8 +479,8 @@ def plot_split(task: PreparedTask, max_panels: int = 6):
     fig.legend(handles=handles, loc="lower center", ncols=len(handles), fontsize=8)
     shown = f"{nt} of {codes.shape[0]}" if nt < codes.shape[0] else f"{nt}"
     fig.suptitle(
-        f"block split of {task.spec.name} ({shown} time blocks; a block = "
-        f"{'×'.join(map(str, task.block_shape))} cells)",
+        f"{task.spec.split} split of {task.spec.name} ({shown} time blocks; a block = "
+        f"{'×'.join(map(str, task.block_shape))} cells at most)",
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0.07, 1, 1))

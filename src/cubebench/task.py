@@ -3,12 +3,15 @@
 `TaskSpec` says what to predict from what, where and when; `prepare_task` turns it into a
 `PreparedTask` against a cube:
 
-* the cube is cut into **blocks aligned to its storage chunks** (a block is a whole number of
-  chunks), so a loader reads each chunk for exactly one part and no block is in two parts;
-* blocks holding at least one valid sample are ranked by a seeded hash and assigned to
-  train / val / test in the requested fractions (or, in `region` mode, by source and target box);
-* normalisation statistics come from **train blocks only**, in one NaN-safe dask pass that also
-  counts the valid samples of every block and chunk (on a `distributed` cluster when one is given).
+* the cube is cut into **blocks in the units of the science** (`cubebench.splits`: days ×
+  degrees, periods of time, a source and a target box; or whole storage chunks), independent
+  of the chunking but for the `chunks` kind, so every layout of a cube has the same parts;
+* blocks get their parts (seeded ranking in the fractions, dates, boxes), and an optional
+  buffer leaves out the blocks next to a later part's;
+* normalisation statistics come from **train blocks only**, in one NaN-safe dask pass over the
+  chunks that also counts the valid samples of every block and of every (chunk, part) pair (on
+  a `distributed` cluster when one is given): a chunk may hold samples of several parts, and
+  the loader reads it for each of them, masked to the part.
 """
 
 from __future__ import annotations
@@ -19,18 +22,18 @@ import math
 import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import dask
 import numpy as np
-import pandas as pd
 import xarray as xr
 
 from cubebench.cluster import dask_client
 from cubebench.cube.fingerprint import cube_fingerprint
 from cubebench.cube.integrity import raise_unreadable_chunk
 from cubebench.cube.schema import require_variable
+from cubebench.dates import date_fields, in_calendar, parse_time
 from cubebench.errors import TaskError
+from cubebench.splits import Grid, Split, buffer_out, grid_of, time_parts
 from cubebench.windows import Patch, Windows, cell_counts, hidden_mask, n_cells, place_windows
 
 COORD_FEATURES = ("lat", "lon", "sin_doy", "cos_doy")
@@ -48,56 +51,6 @@ def _finite(value: object) -> bool:
         return False
 
 
-def parse_time(value: object) -> pd.Timestamp:
-    """A date of a time range (`"2001-03-01"`, a datetime...) as a tz-naive Timestamp.
-
-    A date that only a 360_day calendar has (`"2001-02-30"`, climate model output) comes back
-    as a cftime date of that calendar; `_selection` checks it against the cube's calendar.
-    """
-    text_or_stamp = isinstance(value, str | np.datetime64 | pd.Timestamp)
-    if isinstance(value, bool) or not (text_or_stamp or hasattr(value, "year")):  # a datetime
-        raise TaskError(f"a date is text like '2001-03-01', got {value!r}")
-    try:
-        stamp = pd.Timestamp(value)
-    except (ValueError, TypeError, OverflowError) as exc:
-        other = _date_360_day(value)
-        if other is not None:
-            return other
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise TaskError(f"not a date: {value!r} ({reason!r})") from None
-    if stamp is pd.NaT or pd.isna(stamp):
-        raise TaskError(f"not a date: {value!r}")
-    if stamp.tzinfo is not None:
-        raise TaskError(f"a date without a time zone please (cube times have none), got {value!r}")
-    return stamp
-
-
-def _date_360_day(value: object):
-    """`"YYYY-MM-DD"` with a day every month has in a 360_day calendar (29 or 30 February)."""
-    import re
-
-    match = (
-        re.fullmatch(r"\s*(\d{4})-(\d{1,2})-(\d{1,2})\s*", value)
-        if isinstance(value, str)
-        else None
-    )
-    if match is None:
-        return None
-    import cftime
-
-    try:
-        return cftime.datetime(*map(int, match.groups()), calendar="360_day")
-    except ValueError:
-        return None
-
-
-def _date_fields(date) -> tuple[int, ...]:
-    """(year, month, day, hour, minute, second): orders dates of any calendar."""
-    return tuple(
-        int(getattr(date, f)) for f in ("year", "month", "day", "hour", "minute", "second")
-    )
-
-
 def parse_time_range(text: str) -> tuple[str, str]:
     """`"START,END"` (inclusive dates, e.g. `2001-03-01,2001-08-31`) -> (start, end)."""
     start, sep, end = text.partition(",")
@@ -111,7 +64,7 @@ def _check_time_range(time_range: object) -> None:
     if not isinstance(time_range, tuple | list) or len(time_range) != 2:
         raise TaskError(f"a time range is a (start, end) pair, got {time_range!r}")
     start, end = (parse_time(v) for v in time_range)
-    if _date_fields(start) > _date_fields(end):
+    if date_fields(start) > date_fields(end):
         raise TaskError(f"empty time range {tuple(time_range)!r}: start is after end")
 
 
@@ -188,6 +141,9 @@ class Box:
         return f"lat {self.lat_min:g}..{self.lat_max:g}, lon {self.lon_min:g}..{self.lon_max:g}"
 
 
+DEFAULT_SPLIT = Split()  # blocks of 46 days x 10 degrees
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """What to predict from what, where and when, and how to split it."""
@@ -199,8 +155,7 @@ class TaskSpec:
     region: Box | None = None
     time_range: tuple[str, str] | None = None
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    block_chunks: tuple[int, int, int] = (1, 1, 1)  # chunks per block along time, lat, lon
-    split: Literal["blocks", "region"] = "blocks"
+    split: Split = DEFAULT_SPLIT  # or its text: "blocks:46d,10deg", "time:2016-12-31,2017-12-31"...
     source_box: Box | None = None  # region split: pretrain here ...
     target_box: Box | None = None  # ... and transfer to here
     patch: Patch | None = None  # sample geometry: pixels (None) or windows with gaps to fill
@@ -216,15 +171,17 @@ class TaskSpec:
 
     @property
     def parts(self) -> tuple[str, ...]:
-        return PARTS + TARGET_PARTS if self.split == "region" else PARTS
+        return PARTS + TARGET_PARTS if self.split.kind == "region" else PARTS
 
     def __post_init__(self) -> None:
         # lists become tuples (hashable, and `features` concatenates them); then every field
         # is checked, so a bad spec fails where it is made, before any cube is opened
-        for name in ("inputs", "coord_features", "fractions", "block_chunks", "time_range"):
+        for name in ("inputs", "coord_features", "fractions", "time_range"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        if isinstance(self.split, str):
+            object.__setattr__(self, "split", Split.parse(self.split))
         self.validate()
 
     def validate(self) -> None:
@@ -245,23 +202,16 @@ class TaskSpec:
                 f"unknown coordinate feature(s) {sorted(unknown)}; known: {list(COORD_FEATURES)}"
             )
         _check_fractions(self.fractions)
-        b = self.block_chunks
-        if not (
-            isinstance(b, tuple)
-            and len(b) == 3
-            and all(isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in b)
-            and min(b) >= 1
-        ):
-            raise TaskError(f"block_chunks must be 3 positive integers, got {b!r}")
         for field in ("region", "source_box", "target_box"):
             value = getattr(self, field)
             if value is not None and not isinstance(value, Box):
                 raise TaskError(f"{field} must be a Box or None, got {value!r}")
         if self.time_range is not None:
             _check_time_range(self.time_range)
-        if self.split not in ("blocks", "region"):
-            raise TaskError(f"split must be 'blocks' or 'region', got {self.split!r}")
-        if self.split == "region" and (self.source_box is None or self.target_box is None):
+        if not isinstance(self.split, Split):
+            raise TaskError(f"split must be a Split or its text, got {self.split!r}")
+        self.split.validate()
+        if self.split.kind == "region" and (self.source_box is None or self.target_box is None):
             raise TaskError("region split needs both a source box and a target box")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise TaskError(f"seed must be an integer, got {self.seed!r}")
@@ -269,8 +219,8 @@ class TaskSpec:
             if not isinstance(self.patch, Patch):
                 raise TaskError(f"patch must be a Patch or None, got {self.patch!r}")
             self.patch.validate()
-            if self.split != "blocks":
-                raise TaskError("the patch geometry supports the 'blocks' split only")
+            if self.split.kind == "region":
+                raise TaskError("the patch geometry has no region (transfer) split")
 
 
 # The reference use case of the DeepESDL ML toolkits.
@@ -283,8 +233,8 @@ TASKS: dict[str, TaskSpec] = {
         target_box=Box(-60.0, -10.0),
     ),
     # fill LST gaps in 16 x 16 windows from air temperature and the visible LST around them;
-    # blocks of 2 x 2 chunks in space keep most windows inside one part
-    "lst-gapfill": TaskSpec(name="lst-gapfill", patch=Patch(), block_chunks=(1, 2, 2)),
+    # blocks of 4 x 4 windows (64 pixels, from index 0 like the windows) hold whole windows
+    "lst-gapfill": TaskSpec(name="lst-gapfill", patch=Patch(), split=Split(space_block="64px")),
 }
 
 
@@ -349,17 +299,23 @@ def valid_mask(
     origin: tuple[int, int, int],
 ) -> np.ndarray:
     """The block's valid pixels: in the selection, every input and the target finite."""
-    nt, ny, nx = target.shape
+    valid = selection_mask(selection, origin, target.shape) & np.isfinite(target)
+    for a in inputs:
+        valid &= np.isfinite(a)
+    return valid
+
+
+def selection_mask(
+    selection: Selection, origin: tuple[int, int, int], shape: tuple[int, ...]
+) -> np.ndarray:
+    """The selected pixels of the slab of `shape` starting at `origin`."""
+    nt, ny, nx = shape
     t0, y0, x0 = origin
-    sel = (
+    return (
         selection.time[t0 : t0 + nt, None, None]
         & selection.lat[None, y0 : y0 + ny, None]
         & selection.lon[None, None, x0 : x0 + nx]
     )
-    valid = sel & np.isfinite(target)
-    for a in inputs:
-        valid &= np.isfinite(a)
-    return valid
 
 
 def _samples_of(
@@ -416,36 +372,68 @@ class Moments:
         return np.sqrt(self.m2 / self.n) if self.n else np.full_like(self.mean, np.nan)
 
 
-def _block_stats(
+def _chunk_stats(
     inputs: list[np.ndarray],
     target: np.ndarray,
     coords: CoordArrays,
-    selection: Selection,
+    selections: list[Selection],
+    group_of_block: np.ndarray,
+    runs: tuple[np.ndarray, np.ndarray, np.ndarray],
     coord_features: tuple[str, ...],
     origin: tuple[int, int, int],
     patch: Patch | None = None,
     seed: int = 0,
-    chunk_starts: tuple[np.ndarray, ...] | None = None,
-) -> tuple[Moments, tuple | None, np.ndarray | None]:
-    """The block's moments; for the patch geometry, its target pixels per cell; and, given
-    the offsets of its chunks' starts along each axis (`chunk_starts`, from 0), the valid
-    samples of each of its chunks as a (chunks along time, lat, lon) array."""
-    valid = valid_mask(inputs, target, selection, origin)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple | None]:
+    """One chunk's valid samples grouped by block: the blocks' flat indices, their sample
+    counts, means and M2 (the merge is Chan's, exact); for the patch geometry, the chunk's
+    target pixels per cell.
+
+    `runs` are the block (run) of each of the chunk's indices per axis, `group_of_block` the
+    selection group of every block of the grid (-1: none): a pixel counts when it lies in its
+    block's group's selection and every input and the target are finite."""
+    rt, ry, rx = runs
+    groups = group_of_block[np.ix_(rt, ry, rx)]
+    selected = np.zeros(target.shape, bool)
+    for g, selection in enumerate(selections):
+        selected |= (groups == g) & selection_mask(selection, origin, target.shape)
+    valid = selected & np.isfinite(target)
+    for a in inputs:
+        valid &= np.isfinite(a)
     x, y = _samples_of(valid, inputs, target, coords, coord_features, origin)
-    moments = Moments.of(np.column_stack([x, y]))
-    per_chunk = None
-    if chunk_starts is not None:
-        per_chunk = valid.astype(np.int64)
-        for axis, starts in enumerate(chunk_starts):
-            per_chunk = np.add.reduceat(per_chunk, np.asarray(starts, np.intp), axis=axis)
-    if patch is None:
-        return moments, None, per_chunk
-    ts, ys, xs = (slice(o, o + n) for o, n in zip(origin, target.shape))
-    targets = valid & hidden_mask(patch, seed, ts, ys, xs)
-    return moments, cell_counts(targets, origin, patch.step), per_chunk
+    it, iy, ix = np.nonzero(valid)
+    flat = np.ravel_multi_index((rt[it], ry[iy], rx[ix]), group_of_block.shape)
+    blocks, which = np.unique(flat, return_inverse=True)
+    values = np.column_stack([x, y])
+    n = np.bincount(which, minlength=len(blocks))
+    columns = values.shape[1]
+    sums = [np.bincount(which, v, len(blocks)) for v in values.T]
+    mean = np.stack(sums, axis=1).reshape(len(blocks), columns) / np.maximum(n, 1)[:, None]
+    squares = [
+        np.bincount(which, (v - mean[which, j]) ** 2, len(blocks)) for j, v in enumerate(values.T)
+    ]
+    m2 = np.stack(squares, axis=1).reshape(len(blocks), columns)
+    cells = None
+    if patch is not None:
+        ts, ys, xs = (slice(o, o + k) for o, k in zip(origin, target.shape))
+        cells = cell_counts(valid & hidden_mask(patch, seed, ts, ys, xs), origin, patch.step)
+    return blocks, n, mean, m2, cells
+
+
+def merged(n: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> Moments:
+    """The moments of pieces (counts, means, M2 per piece) together: Chan's pairwise formula
+    for many pieces at once."""
+    total = int(n.sum())
+    if total == 0:
+        return Moments(0, np.zeros(mean.shape[1]), np.zeros(mean.shape[1]))
+    grand = (n[:, None] * mean).sum(axis=0) / total
+    spread = (m2 + n[:, None] * (mean - grand) ** 2).sum(axis=0)
+    return Moments(total, grand, spread)
 
 
 # --- the prepared task ----------------------------------------------------------------------
+
+
+BUFFER = -2  # `part_of_block` of a block left out by the buffer (-1: in no part)
 
 
 @dataclass
@@ -456,12 +444,12 @@ class PreparedTask:
     cube: xr.Dataset
     fingerprint: str
     chunk_shape: tuple[int, int, int]
-    block_shape: tuple[int, int, int]
-    block_edges: tuple[np.ndarray, np.ndarray, np.ndarray]  # block boundaries per axis
+    grid: Grid  # the split's blocks
+    part_of_block: np.ndarray  # block grid -> index into spec.parts, -1 no part, BUFFER
     coords: CoordArrays
     selections: dict[str, Selection]  # per part
     blocks: dict[str, np.ndarray]  # part -> (k, 3) block indices, sorted
-    samples: dict[str, int]  # part -> valid samples
+    samples: dict[str, int]  # part -> valid samples (windows, for the patch geometry)
     feature_mean: np.ndarray
     feature_std: np.ndarray
     target_mean: float
@@ -470,40 +458,73 @@ class PreparedTask:
     noise_floor: float | None
     blocks_without_samples: int
     blocks_in_both_boxes: int = 0
+    # part -> blocks and valid pixels the buffer left out
+    buffered: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     windows: Windows | None = None  # patch geometry: the windows of every part
-    # part -> {chunk index (time, lat, lon): valid pixels of that chunk in the part}, for
-    # every chunk of the part's blocks (0 included); sums to `samples` for the pixel geometry
+    # part -> {chunk index (time, lat, lon): the part's valid pixels in that chunk}, for every
+    # chunk holding cells of the part (0 included); sums to the part's valid pixels
     chunk_samples: dict[str, dict[tuple[int, int, int], int]] = dataclasses.field(
         default_factory=dict
     )
+    # part -> (chunks along time, lat, lon) array: the chunk's cells in the part's blocks and
+    # selection, valid or not: what the part needs of the chunk (read amplification's base)
+    chunk_cells: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @property
+    def block_edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.grid.edges
 
     @property
     def block_grid(self) -> tuple[int, int, int]:
-        return tuple(len(e) - 1 for e in self.block_edges)  # type: ignore[return-value]
+        return self.grid.shape
+
+    @property
+    def block_shape(self) -> tuple[int, int, int]:
+        return self.grid.block_shape()
+
+    @property
+    def chunk_edges(self) -> list[np.ndarray]:
+        return [np.concatenate([[0], np.cumsum(c)]) for c in self.cube[self.spec.target].chunks]
 
     def block_slices(self, block: Sequence[int]) -> tuple[slice, slice, slice]:
         return _block_slices(self.block_edges, block)
 
-    def read_block(self, part: str, block: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(X, y) of one block in physical units: the reference path, not the fast loader."""
-        ts, ys, xs = self.block_slices(block)
+    def chunk_slices(self, chunk: Sequence[int]) -> tuple[slice, slice, slice]:
+        return _block_slices(self.chunk_edges, chunk)  # type: ignore[return-value]
+
+    def part_chunks(self, part: str) -> list[tuple[int, int, int]]:
+        """The chunks holding cells of the part, in C order: what its loader reads."""
+        return [tuple(int(i) for i in c) for c in np.argwhere(self.chunk_cells[part] > 0)]
+
+    def part_mask(self, part: str, window: Sequence[slice]) -> np.ndarray | None:
+        """Which pixels of `window` lie in the part's blocks; None when all do (a chunk inside
+        the part's blocks: nothing to mask)."""
+        code = self.spec.parts.index(part)
+        runs = [self.grid.index(a)[w] for a, w in enumerate(window)]
+        seen = self.part_of_block[np.ix_(*(np.unique(r) for r in runs))]
+        if (seen == code).all():
+            return None
+        return self.part_of_block[np.ix_(*runs)] == code
+
+    def read_chunk(self, part: str, chunk: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(X, y) of the part's valid pixels in one chunk, physical units: the reference path
+        (numpy on dask arrays), not the fast loader."""
+        window = self.chunk_slices(chunk)
         spec = self.spec
-        arrays = [np.asarray(self.cube[v].data[ts, ys, xs]) for v in (*spec.inputs, spec.target)]
-        return block_samples(
-            arrays[:-1],
-            arrays[-1],
-            self.coords,
-            self.selections[part],
-            spec.coord_features,
-            (ts.start, ys.start, xs.start),
-        )
+        arrays = [np.asarray(self.cube[v].data[window]) for v in (*spec.inputs, spec.target)]
+        origin = tuple(w.start for w in window)
+        valid = valid_mask(arrays[:-1], arrays[-1], self.selections[part], origin)
+        mask = self.part_mask(part, window)
+        if mask is not None:
+            valid &= mask
+        return _samples_of(valid, arrays[:-1], arrays[-1], self.coords, spec.coord_features, origin)
 
     def iter_part(self, part: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for block in self.blocks[part]:
-            yield self.read_block(part, block)
+        for chunk in self.part_chunks(part):
+            yield self.read_chunk(part, chunk)
 
     def load_part(self, part: str) -> tuple[np.ndarray, np.ndarray]:
-        """All (X, y) of a part in memory, physical units, block order. For small cubes."""
+        """All (X, y) of a part in memory, physical units, chunk order. For small cubes."""
         pieces = list(self.iter_part(part))
         if not pieces:
             return np.empty((0, len(self.spec.features))), np.empty(0)
@@ -524,13 +545,15 @@ class PreparedTask:
             "target": f"{spec.target} [{self.target_units}]",
             "region": str(spec.region) if spec.region else "all",
             "time": " .. ".join(spec.time_range) if spec.time_range else "all",
-            "split": spec.split,
+            "split": str(spec.split),
+            "layout_dependent_split": spec.split.layout_dependent,
             "seed": spec.seed,
             "chunk_shape": list(self.chunk_shape),
             "block_shape": list(self.block_shape),
             "blocks": {p: len(b) for p, b in self.blocks.items()},
             "blocks_without_samples": self.blocks_without_samples,
             "blocks_in_both_boxes": self.blocks_in_both_boxes,
+            "buffered": {p: dict(v) for p, v in self.buffered.items()},
             "samples": dict(self.samples),
             **(self._window_summary() if self.windows else {}),
             "feature_mean": dict(zip(spec.features, self.feature_mean.round(6).tolist())),
@@ -582,7 +605,7 @@ def assign_blocks(
     if len(order) < len(wanted):
         raise TaskError(
             f"only {len(order)} block(s) hold valid samples, too few for a "
-            f"{'/'.join(names[i] for i in wanted)} split; use smaller chunks (or block_chunks), "
+            f"{'/'.join(names[i] for i in wanted)} split; use smaller blocks (--split), "
             "a larger region or a longer time range"
         )
     n = len(order)
@@ -608,19 +631,9 @@ def _selection(ds: xr.Dataset, box: Box | None, time_range: tuple[str, str] | No
     if time_range is None:
         tmask = np.ones(time.size, bool)
     else:
-        start, end = (parse_time(v) for v in time_range)
         index = time.to_index()
-        if isinstance(index, pd.DatetimeIndex):
-            if not isinstance(start, pd.Timestamp) or not isinstance(end, pd.Timestamp):
-                raise TaskError(f"time range {time_range} is not in the cube's standard calendar")
-        else:  # cftime calendars (360_day, noleap...) compare with dates of their own calendar
-            cls = type(index[0])
-            try:
-                start, end = (cls(*_date_fields(v)) for v in (start, end))
-            except ValueError as exc:
-                raise TaskError(
-                    f"time range {time_range} not in the cube's calendar: {exc}"
-                ) from None
+        dates = [parse_time(v) for v in time_range]
+        start, end = in_calendar(index, dates, f"time range {time_range}")
         tmask = np.asarray((index >= start) & (index <= end))
     return Selection(
         tmask,
@@ -629,15 +642,17 @@ def _selection(ds: xr.Dataset, box: Box | None, time_range: tuple[str, str] | No
     )
 
 
-def _block_edges(chunks: tuple[int, ...], per_block: int) -> np.ndarray:
-    """Block boundaries along one axis: every `per_block`-th chunk boundary, plus the end."""
-    edges = np.concatenate([[0], np.cumsum(chunks)])
-    picked = edges[::per_block]
-    return picked if picked[-1] == edges[-1] else np.append(picked, edges[-1])
-
-
 def _block_slices(edges: Sequence[np.ndarray], block: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(int(e[b]), int(e[b + 1])) for e, b in zip(edges, block))
+
+
+def _runs_touched(edges: np.ndarray, runs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(units along the axis, runs): how many indices of each unit (a chunk, bounded by
+    `edges`) lie in each run (the block of each index: `runs`) and in `mask`."""
+    out = np.zeros((len(edges) - 1, int(runs.max()) + 1), np.int64)
+    unit = np.repeat(np.arange(len(edges) - 1), np.diff(edges))
+    np.add.at(out, (unit, runs), mask.astype(np.int64))
+    return out
 
 
 def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None) -> PreparedTask:
@@ -653,134 +668,167 @@ def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None)
     target = ds[spec.target]
     chunks = target.chunks
     chunk_shape = tuple(int(c[0]) for c in chunks)
-    block_shape = tuple(s * k for s, k in zip(chunk_shape, spec.block_chunks))
-    edges = tuple(_block_edges(c, k) for c, k in zip(chunks, spec.block_chunks))
-    grid = tuple(len(e) - 1 for e in edges)
+    split = spec.split
+    blocks_of = grid_of(split, ds, chunks)
+    runs = [blocks_of.index(a) for a in range(3)]
 
     coords = CoordArrays(
         lat=ds["lat"].values.astype(np.float64),
         lon=ds["lon"].values.astype(np.float64),
         season=season_of(ds["time"]),
     )
-    if spec.split == "region":
+    region = split.kind == "region"
+    if region:
         source = _selection(ds, spec.source_box, spec.time_range)
         tgt = _selection(ds, spec.target_box, spec.time_range)
         selections = dict.fromkeys(PARTS, source) | dict.fromkeys(TARGET_PARTS, tgt)
+        groups = [(source, PARTS), (tgt, TARGET_PARTS)]
     else:
         sel = _selection(ds, spec.region, spec.time_range)
         selections = dict.fromkeys(PARTS, sel)
+        groups = [(sel, PARTS)]
+    time_part = time_parts(split, ds) if split.kind == "time" else None
 
-    def slices(block):
-        return _block_slices(edges, block)
-
-    all_blocks = [tuple(int(i) for i in b) for b in np.ndindex(*grid)]
-    groups = {"source": selections["train"]}
-    if spec.split == "region":
-        groups["target"] = selections["target_train"]
-    candidates: dict[str, list[tuple[int, int, int]]] = {g: [] for g in groups}
-    in_both = 0
-    for block in all_blocks:
-        hits = [g for g, s in groups.items() if s.any_in(*slices(block))]
-        if len(hits) == 1:
-            candidates[hits[0]].append(block)
-        elif len(hits) == 2:
-            in_both += 1  # would leak between source and target: used by neither
+    # which selection group every block belongs to (-1: none; -2: both, would leak)
+    hits = np.zeros(blocks_of.shape, np.int64)
+    group_of_block = np.full(blocks_of.shape, -1, np.int64)
+    for g, (selection, _) in enumerate(groups):
+        touched = [
+            np.add.reduceat(mask.astype(np.int64), e[:-1].astype(np.intp)) > 0
+            for mask, e in zip((selection.time, selection.lat, selection.lon), blocks_of.edges)
+        ]
+        inside = np.ix_(*touched)
+        mine = np.zeros(blocks_of.shape, bool)
+        mine[inside] = True
+        hits += mine
+        group_of_block[mine] = g
+    in_both = int((hits > 1).sum())
+    group_of_block[hits > 1] = -2
 
     arrays = [ds[v].data for v in spec.inputs]
     tgt_data = target.data
     chunk_edges = [np.concatenate([[0], np.cumsum(c)]).astype(np.int64) for c in chunks]
-
-    def first_chunks(block) -> tuple[tuple[int, ...], tuple[np.ndarray, ...]]:
-        """The block's first chunk index per axis, and its chunks' starts from the block's."""
-        first, starts = [], []
-        for e, w in zip(chunk_edges, slices(block)):
-            lo, hi = np.searchsorted(e, [w.start, w.stop])
-            first.append(int(lo))
-            starts.append(e[lo:hi] - w.start)
-        return tuple(first), tuple(starts)
-
-    tasks = []
-    keys = []
-    for group, blocks in candidates.items():
-        for block in blocks:
-            ts, ys, xs = slices(block)
-            tasks.append(
-                dask.delayed(_block_stats)(
-                    [a[ts, ys, xs] for a in arrays],
-                    tgt_data[ts, ys, xs],
-                    coords,
-                    groups[group],
-                    spec.coord_features,
-                    (ts.start, ys.start, xs.start),
-                    spec.patch,
-                    spec.seed,
-                    first_chunks(block)[1],
-                )
+    chunk_grid = tuple(len(c) for c in chunks)
+    tasks, chunk_list = [], []
+    for chunk in np.ndindex(*chunk_grid):
+        window = _block_slices(chunk_edges, chunk)
+        local_runs = tuple(r[w] for r, w in zip(runs, window))
+        if (group_of_block[np.ix_(*(np.unique(r) for r in local_runs))] < 0).all():
+            continue  # in no group's blocks: nothing to count
+        ts, ys, xs = window
+        tasks.append(
+            dask.delayed(_chunk_stats)(
+                [a[ts, ys, xs] for a in arrays],
+                tgt_data[ts, ys, xs],
+                coords,
+                [selection for selection, _ in groups],
+                group_of_block,
+                local_runs,
+                spec.coord_features,
+                (ts.start, ys.start, xs.start),
+                spec.patch,
+                spec.seed,
             )
-            keys.append((group, block))
+        )
+        chunk_list.append(chunk)
     try:
         computed = _compute(tasks, scheduler)
     except Exception:  # a corrupted chunk fails deep in a codec: say which variable and chunk
-        raise_unreadable_chunk(ds, names, (slices(block) for _, block in keys))
+        raise_unreadable_chunk(ds, names, (_block_slices(chunk_edges, c) for c in chunk_list))
         raise
-    by_block = {key: m for key, (m, _, _) in zip(keys, computed)}
-    per_chunk = {key: counts for key, (_, _, counts) in zip(keys, computed)}
+    piece_block = np.concatenate([c[0] for c in computed] or [np.zeros(0, np.int64)])
+    piece_n = np.concatenate([c[1] for c in computed] or [np.zeros(0, np.int64)])
+    width = len(spec.features) + 1
+    piece_mean = np.concatenate([c[2] for c in computed] or [np.zeros((0, width))])
+    piece_m2 = np.concatenate([c[3] for c in computed] or [np.zeros((0, width))])
+    piece_chunk = np.repeat(np.arange(len(chunk_list)), [len(c[0]) for c in computed])
+    block_count = np.bincount(piece_block, piece_n, blocks_of.size).astype(np.int64)
+    block_count = block_count.reshape(blocks_of.shape)
 
-    assigned: dict[str, list] = {}
+    part_of_block = np.full(blocks_of.shape, -1, np.int64)
     empty = 0
-    for group in candidates:
-        nonempty = [b for (g, b), m in by_block.items() if g == group and m.n > 0]
-        empty += sum(1 for (g, _), m in by_block.items() if g == group and m.n == 0)
-        if not nonempty:
-            where = spec.target_box if group == "target" else (spec.source_box or spec.region)
+    for g, (_, parts) in enumerate(groups):
+        mine = group_of_block == g
+        nonempty = mine & (block_count > 0)
+        empty += int((mine & (block_count == 0)).sum())
+        if not nonempty.any():
+            where = spec.target_box if g == 1 else (spec.source_box or spec.region)
             raise TaskError(
                 f"no valid samples of {spec.target!r} (with finite {', '.join(spec.inputs)}) "
                 f"in region {where or 'all'}, time {spec.time_range or 'all'}"
             )
-        names = TARGET_PARTS if group == "target" else PARTS
-        assigned |= assign_blocks(nonempty, spec.fractions, spec.seed, names)
+        codes = [spec.parts.index(p) for p in parts]
+        if time_part is not None:
+            t = np.nonzero(nonempty)[0]
+            part_of_block[nonempty] = np.asarray(codes)[time_part[blocks_of.edges[0][t]]]
+            continue
+        by_id: dict[tuple[int, int, int], list[tuple[int, ...]]] = {}
+        for block in map(tuple, np.argwhere(nonempty)):
+            key = tuple(int(blocks_of.ids[a][block[a]]) for a in range(3))
+            by_id.setdefault(key, []).append(block)
+        for part, ids in assign_blocks(list(by_id), spec.fractions, spec.seed, parts).items():
+            for key in ids:
+                for block in by_id[key]:
+                    part_of_block[block] = spec.parts.index(part)
+    _check_parts(spec, part_of_block, block_count, "the split")
 
-    blocks = {p: np.array(sorted(assigned[p]), dtype=np.int64).reshape(-1, 3) for p in spec.parts}
-    group_of = {p: ("target" if p in TARGET_PARTS else "source") for p in spec.parts}
-    samples = {
-        p: int(sum(by_block[(group_of[p], tuple(b))].n for b in blocks[p])) for p in spec.parts
+    orders = [[spec.parts.index(p) for p in parts] for _, parts in groups]
+    dropped = buffer_out(part_of_block, split.buffer, blocks_of.periodic, orders)
+    buffered = {
+        p: {
+            "blocks": int((dropped & (part_of_block == c)).sum()),
+            "samples": int(block_count[dropped & (part_of_block == c)].sum()),
+        }
+        for c, p in enumerate(spec.parts)
     }
+    part_of_block[dropped] = BUFFER
+    if split.buffer:
+        _check_parts(spec, part_of_block, block_count, f"a buffer of {split.buffer} block(s)")
+
+    blocks = {p: np.argwhere(part_of_block == c).astype(np.int64) for c, p in enumerate(spec.parts)}
+    samples = {p: int(block_count[part_of_block == c].sum()) for c, p in enumerate(spec.parts)}
+    piece_part = part_of_block.reshape(-1)[piece_block]
+    chunk_cells = {}
     chunk_samples: dict[str, dict[tuple[int, int, int], int]] = {}
-    for p in spec.parts:
-        chunk_samples[p] = {}
-        for b in blocks[p]:
-            first = first_chunks(tuple(b))[0]
-            counts = per_chunk[(group_of[p], tuple(b))]
-            for local in np.ndindex(*counts.shape):
-                chunk = tuple(f + i for f, i in zip(first, local))
-                chunk_samples[p][chunk] = int(counts[local])  # type: ignore[index]
+    for c, p in enumerate(spec.parts):
+        sel = selections[p]
+        cells = (part_of_block == c).astype(np.int64)
+        for axis, mask in enumerate((sel.time, sel.lat, sel.lon)):
+            touched = _runs_touched(chunk_edges[axis], runs[axis], mask)
+            cells = np.moveaxis(np.tensordot(touched, cells, axes=(1, axis)), 0, axis)
+        chunk_cells[p] = cells
+        counts = dict.fromkeys(map(tuple, np.argwhere(cells > 0).tolist()), 0)
+        mine = piece_part == c
+        for k, n in zip(piece_chunk[mine], piece_n[mine]):
+            counts[chunk_list[k]] = counts.get(chunk_list[k], 0) + int(n)
+        chunk_samples[p] = counts  # type: ignore[assignment]
     windows = None
     if spec.patch is not None:
         shape = tuple(int(n) for n in target.shape)
-        windows = _windows(spec, shape, edges, grid, blocks, [c for _, c, _ in computed])
+        cells_of = [c[4] for c in computed]
+        windows = _windows(spec, shape, blocks_of, part_of_block, cells_of)
         samples = {p: len(windows.origins[p]) for p in spec.parts}
-    train = Moments(0, np.zeros(len(spec.features) + 1), np.zeros(len(spec.features) + 1))
-    for b in blocks["train"]:
-        train = train + by_block[("source", tuple(b))]
-    std = train.std
+    train = piece_part == spec.parts.index("train")
+    moments = merged(piece_n[train], piece_mean[train], piece_m2[train])
+    std = moments.std
     std = np.where(std > 0, std, 1.0)  # a constant feature is left unscaled, not divided by 0
 
     noise_floor = cube.attrs.get("cubebench_noise_floor")
     floor_var = cube.attrs.get("cubebench_noise_floor_variable")
-    prepared = PreparedTask(
+    return PreparedTask(
         spec=spec,
         cube=ds,
         fingerprint=_fingerprint(ds, names),
         chunk_shape=chunk_shape,
-        block_shape=block_shape,
-        block_edges=edges,
+        grid=blocks_of,
+        part_of_block=part_of_block,
         coords=coords,
         selections=selections,
         blocks=blocks,
         samples=samples,
-        feature_mean=train.mean[:-1],
+        feature_mean=moments.mean[:-1],
         feature_std=std[:-1],
-        target_mean=float(train.mean[-1]),
+        target_mean=float(moments.mean[-1]),
         target_std=float(std[-1]),
         target_units=str(target.attrs.get("units", "")),
         noise_floor=float(noise_floor)
@@ -788,36 +836,57 @@ def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None)
         else None,
         blocks_without_samples=empty,
         blocks_in_both_boxes=in_both,
+        buffered=buffered,
         windows=windows,
         chunk_samples=chunk_samples,
+        chunk_cells=chunk_cells,
     )
-    return prepared
+
+
+def _check_parts(
+    spec: TaskSpec, part_of_block: np.ndarray, block_count: np.ndarray, what: str
+) -> None:
+    """Every part the task asks for holds a valid sample, or a TaskError says which is empty."""
+    wanted = spec.fractions * (2 if spec.split.kind == "region" else 1)
+    if spec.split.kind == "time":
+        wanted = (1.0, 1.0, 1.0)
+    for code, (part, fraction) in enumerate(zip(spec.parts, wanted)):
+        if fraction > 0 and not block_count[part_of_block == code].sum():
+            raise TaskError(
+                f"{what} ({spec.split}) leaves the {part} part without valid samples; "
+                "choose other dates, blocks, buffer or region"
+            )
 
 
 def _windows(
     spec: TaskSpec,
     shape: tuple[int, int, int],
-    edges: tuple[np.ndarray, ...],
-    grid: tuple[int, ...],
-    blocks: dict[str, np.ndarray],
-    block_cells: list,
+    blocks_of: Grid,
+    part_of_block: np.ndarray,
+    chunk_cells: list,
 ) -> Windows:
-    """The windows of every part, from the per-block cell counts of the dask pass."""
+    """The windows of every part, from the per-chunk cell counts of the dask pass. A window
+    touching a buffered block and a part's is dropped like one across two parts."""
     patch = spec.patch
     assert patch is not None
     cells = np.zeros(n_cells(shape, patch.step), np.int64)
-    for first, counts in block_cells:
+    for first, counts in chunk_cells:
         cells[tuple(slice(f, f + n) for f, n in zip(first, counts.shape))] += counts
-    part_of_block = np.full(grid, -1, np.int64)
-    for code, part in enumerate(spec.parts):
-        part_of_block[tuple(blocks[part].T)] = code
-    windows = place_windows(patch, shape, edges, part_of_block, spec.parts, cells)
+    buffer_code = len(spec.parts)
+    codes = np.where(part_of_block == BUFFER, buffer_code, part_of_block)
+    placed = place_windows(patch, shape, blocks_of.edges, codes, (*spec.parts, "buffer"), cells)
+    windows = Windows(
+        {p: placed.origins[p] for p in spec.parts},
+        {p: placed.targets[p] for p in spec.parts},
+        placed.dropped_across_parts,
+        placed.without_targets,
+    )
     for part, fraction in zip(spec.parts, spec.fractions):
         if fraction > 0 and not len(windows.origins[part]):
             raise TaskError(
                 f"no {tuple(patch.size)} window with pixels to fill lies inside the {part} "
                 f"blocks alone ({windows.dropped_across_parts} windows touch two parts); use "
-                "smaller patches or larger blocks (block_chunks)"
+                "smaller patches or larger blocks (--split)"
             )
     return windows
 

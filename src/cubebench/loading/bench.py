@@ -23,7 +23,7 @@ from cubebench.task import PreparedTask
 
 class RawDecode:
     """The bare minimum a loader must do: read every chunk, mask invalid and unselected
-    pixels, extract the pairs."""
+    pixels and those of other parts, extract the pairs."""
 
     def __init__(self, stream: Stream, reader: ChunkReader):
         self.stream = stream
@@ -41,6 +41,9 @@ class RawDecode:
         st, sy, sx = (mask[w] for mask, w in zip((sel.time, sel.lat, sel.lon), window))
         if not (st.all() and sy.all() and sx.all()):
             valid &= st[:, None, None] & sy[None, :, None] & sx[None, None, :]
+        part_mask = self.stream.task.part_mask(self.stream.part, window)
+        if part_mask is not None:
+            valid &= part_mask
         pairs = [a[valid] for a in arrays]  # the masked pairs, as a loader must extract them
         return len(pairs[-1])
 

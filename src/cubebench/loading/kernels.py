@@ -91,11 +91,13 @@ def chunk_records(
     coord_axis: np.ndarray,
     coord_table: np.ndarray,
     seed: int | None,
+    part_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """float32 `(X[n, F], y[n])` of one chunk's valid samples; shuffled when `seed` is given.
 
-    A sample is valid where the pixel is selected (`selection`: a mask per axis) and every
-    array is finite. The mask is built by numpy (SIMD; the kernel's loop is not vectorised).
+    A sample is valid where the pixel is selected (`selection`: a mask per axis; `part_mask`:
+    the pixels of the part, for a chunk shared by parts) and every array is finite. The mask
+    is built by numpy (SIMD; the kernel's loop is not vectorised).
     """
     valid = np.isfinite(arrays[0])
     for a in arrays[1:]:
@@ -103,6 +105,8 @@ def chunk_records(
     st, sy, sx = selection
     if not (st.all() and sy.all() and sx.all()):
         valid &= st[:, None, None] & sy[None, :, None] & sx[None, None, :]
+    if part_mask is not None:
+        valid &= part_mask
     dtype = np.result_type(*arrays)
     arrays = tuple(np.ascontiguousarray(a, dtype=dtype) for a in arrays)
     n = int(np.count_nonzero(valid))

@@ -138,12 +138,6 @@ class StreamBase:
         target = task.cube[spec.target]
         self.chunk_edges = [np.concatenate([[0], np.cumsum(c)]) for c in target.chunks]
         self.itemsize = target.dtype.itemsize
-        # per axis and chunk index: how many of the chunk's indices the part's selection holds
-        sel = task.selections[part]
-        self.selected_per_chunk = [
-            np.add.reduceat(mask.astype(np.int64), e[:-1].astype(np.intp))
-            for mask, e in zip((sel.time, sel.lat, sel.lon), self.chunk_edges)
-        ]
         self.stats = LoadStats()
         self.plan()
 
@@ -215,12 +209,11 @@ class StreamBase:
         return [q + 1] * r + [q] * (steps - r)
 
     def needed_bytes(self, chunks: Collection[ChunkIndex]) -> int:
-        """What the part needs of `chunks`: their cells inside the part's selection (box and
-        time range), times the item size, times the variables read. The chunks must lie in
-        the part's blocks (or in blocks of no part, for windows' context)."""
-        t, y, x = self.selected_per_chunk
-        cells = sum(int(t[a]) * int(y[b]) * int(x[c]) for a, b, c in chunks)
-        return cells * self.itemsize * len(self.variables)
+        """What the part needs of `chunks`: their cells inside the part's blocks and selection
+        (box and time range; ocean and cloud pixels included), times the item size, times the
+        variables read (`PreparedTask.chunk_cells`)."""
+        cells = self.task.chunk_cells[self.part]
+        return sum(int(cells[c]) for c in chunks) * self.itemsize * len(self.variables)
 
 
 class ChunkStream(StreamBase):
@@ -230,10 +223,12 @@ class ChunkStream(StreamBase):
     samples (`epoch_chunks`): n consumers (torch DataLoader workers, DDP ranks) together see
     each chunk once, and each yields `steps_per_epoch()` batches.
 
-    `stats.bytes_needed` adds, per epoch, for this shard's chunks, their cells inside the
-    part's selection (box and time range; ocean and cloud pixels included) times the item
-    size times the variables read: the part's chunks lie in its blocks, so a task over the
-    whole cube has a read amplification of exactly 1.
+    A chunk holding cells of several parts (a split that does not follow the chunks) is read
+    by each part's stream and masked to the part. `stats.bytes_needed` adds, per epoch, for
+    this shard's chunks, the part's cells in them (its blocks and selection; ocean and cloud
+    pixels included) times the item size times the variables read: a read amplification of 1
+    when every chunk lies in one part's blocks, about 1 / the part's share when every chunk
+    is shared (a time split on a time-series layout).
     """
 
     default_batch_size = 4096
@@ -253,23 +248,8 @@ class ChunkStream(StreamBase):
     # --- which chunks -------------------------------------------------------------------
 
     def _part_chunks(self) -> list[ChunkIndex]:
-        """Chunks inside the part's blocks that overlap the part's selection, in C order."""
-        sel = self.task.selections[self.part]
-        out = []
-        for block in self.task.blocks[self.part]:
-            windows = self.task.block_slices(block)
-            ranges = [
-                range(
-                    int(np.searchsorted(e, w.start)),
-                    int(np.searchsorted(e, w.stop)),
-                )
-                for e, w in zip(self.chunk_edges, windows)
-            ]
-            for idx in np.ndindex(*(len(r) for r in ranges)):
-                chunk = tuple(r[i] for r, i in zip(ranges, idx))
-                if sel.any_in(*self.chunk_slices(chunk)):
-                    out.append(chunk)
-        return sorted(out)
+        """Chunks holding cells of the part's blocks inside its selection, in C order."""
+        return self.task.part_chunks(self.part)
 
     def epoch_chunks(self, epoch: int) -> list[ChunkIndex]:
         """This shard's chunks in this epoch's order.
@@ -330,6 +310,7 @@ class ChunkStream(StreamBase):
         arrays = read_chunk(self.reader, self.task.cube, self.variables, chunk, window)
         sel = self.task.selections[self.part]
         selection = tuple(mask[w] for mask, w in zip((sel.time, sel.lat, sel.lon), window))
+        part_mask = self.task.part_mask(self.part, window)  # None: the chunk is the part's
         # the coordinate features along this chunk's window, one row per feature
         coord_table = np.zeros(
             (len(self.coord_axis), max(w.stop - w.start for w in window)), np.float32
@@ -342,7 +323,14 @@ class ChunkStream(StreamBase):
             sequence = np.random.SeedSequence([self.seed, epoch, *chunk])
             seed = int(sequence.generate_state(1, np.uint64)[0])
         x, y = chunk_records(
-            arrays, selection, self.mean, self.inv_std, self.coord_axis, coord_table, seed
+            arrays,
+            selection,
+            self.mean,
+            self.inv_std,
+            self.coord_axis,
+            coord_table,
+            seed,
+            part_mask,
         )
         stored = [self.reader.stored_nbytes(v, chunk) for v in self.variables]
         return Decoded(
