@@ -13,16 +13,20 @@ from __future__ import annotations
 from benchmarks import LOADER_LAYOUTS, LOADER_PRESET, SEED, THREADS, CubeBenchmark, cube_path, memo
 
 ADAPTERS = ("numpy", "torch", "tf")
+# the split kinds the counters cover: physical blocks (the default), time periods (cut in the
+# task's fractions) and whole chunks (the fastest, layout-dependent)
+SPLITS = ("blocks", "time", "chunks")
 EPOCHS = 3  # for the bench_loader row: the ratio sums raw and loader time over them
 BATCH = 4096  # pixels
 PATCH_BATCH = 32  # windows
 
 
-def _task(cubes: str, layout: str, task: str):
+def _task(cubes: str, layout: str, task: str, split: str | None = None):
     from cubebench.cube import open_cube
-    from cubebench.task import get_task, prepare_task
+    from cubebench.task import get_task, prepare_task, with_split
 
-    return prepare_task(get_task(task), open_cube(cube_path(cubes, LOADER_PRESET, layout)))
+    cube = open_cube(cube_path(cubes, LOADER_PRESET, layout))
+    return prepare_task(with_split(get_task(task), split), cube)
 
 
 class LoaderEpoch(CubeBenchmark):
@@ -58,43 +62,45 @@ class PatchLoaderEpoch(LoaderEpoch):
 
 
 class LoaderCosts(CubeBenchmark):
-    """What the loader costs against raw decode, from one `bench_loader` row."""
+    """What the loader costs against raw decode, from one `bench_loader` row per layout,
+    adapter and split kind: a split that does not follow the chunks makes each part decode
+    chunks it shares with others (read amplification > 1)."""
 
     task, batch = "lst-from-t2m", BATCH
-    params = (LOADER_LAYOUTS, ADAPTERS)
-    param_names = ("layout", "adapter")
+    params = (LOADER_LAYOUTS, ADAPTERS, SPLITS)
+    param_names = ("layout", "adapter", "split")
 
-    def _row(self, cubes: str, layout: str, adapter: str) -> dict:
+    def _row(self, cubes: str, layout: str, adapter: str, split: str) -> dict:
         def compute() -> dict:
             from cubebench.loading.bench import bench_loader
 
             return bench_loader(
-                _task(cubes, layout, self.task),
+                _task(cubes, layout, self.task, split),
                 batch_size=self.batch,
                 adapter=adapter,
                 epochs=EPOCHS,
                 threads=THREADS,
             )
 
-        return memo(cubes, f"loader-{self.task}-{layout}-{adapter}", compute)
+        return memo(cubes, f"loader-{self.task}-{layout}-{adapter}-{split}", compute)
 
-    def track_ratio_to_raw(self, cubes: str, layout: str, adapter: str) -> float:
-        return self._row(cubes, layout, adapter)["ratio_to_raw"]
+    def track_ratio_to_raw(self, cubes: str, layout: str, adapter: str, split: str) -> float:
+        return self._row(cubes, layout, adapter, split)["ratio_to_raw"]
 
     track_ratio_to_raw.unit = "loader / raw decode"
 
-    def track_read_amplification(self, cubes: str, layout: str, adapter: str) -> float:
-        return self._row(cubes, layout, adapter)["read_amplification"]
+    def track_read_amplification(self, cubes: str, layout: str, adapter: str, split: str) -> float:
+        return self._row(cubes, layout, adapter, split)["read_amplification"]
 
-    track_read_amplification.unit = "bytes decoded / bytes needed"
+    track_read_amplification.unit = "bytes decoded / bytes of the part"
 
-    def track_chunks_decoded(self, cubes: str, layout: str, adapter: str) -> float:
-        return self._row(cubes, layout, adapter)["chunks_decoded"] / EPOCHS
+    def track_chunks_decoded(self, cubes: str, layout: str, adapter: str, split: str) -> float:
+        return self._row(cubes, layout, adapter, split)["chunks_decoded"] / EPOCHS
 
     track_chunks_decoded.unit = "chunks per epoch"
 
-    def track_bytes_read(self, cubes: str, layout: str, adapter: str) -> float:
-        return self._row(cubes, layout, adapter)["bytes_read"] / EPOCHS
+    def track_bytes_read(self, cubes: str, layout: str, adapter: str, split: str) -> float:
+        return self._row(cubes, layout, adapter, split)["bytes_read"] / EPOCHS
 
     track_bytes_read.unit = "bytes per epoch"
 

@@ -22,6 +22,7 @@ from cubebench.cube.access import SyntheticSpec
 from cubebench.cube.schema import PROFILES
 from cubebench.cube.synthetic import LAYOUTS, PRESETS, parse_chunks
 from cubebench.errors import CubebenchError
+from cubebench.splits import KINDS, Split
 from cubebench.task import (
     COORD_FEATURES,
     Box,
@@ -392,6 +393,38 @@ def maybe(strategy):
     return st.one_of(strategy, anything)
 
 
+lengths = st.one_of(
+    st.builds(
+        lambda v, u: f"{v}{u}",
+        st.integers(-3, 400),
+        st.sampled_from(["d", "t", "deg", "px", "x", ""]),
+    ),
+    st.text(max_size=6),
+)
+split_texts = st.one_of(
+    st.sampled_from(["blocks", "time", "region", "chunks", "", "nope"]),
+    st.builds(lambda a, b: f"blocks:{a},{b}", lengths, lengths),
+    st.builds(lambda a, b: f"region:{a},{b}", lengths, lengths),
+    st.builds(lambda a, b: f"time:{a},{b}", date_text, date_text),
+    st.builds(lambda a: f"chunks:{a}", st.text(max_size=8)),
+    st.builds(lambda a: f"time:{a}", st.text(max_size=12)),
+)
+
+
+@PARSE
+@given(split_texts, st.integers(-2, 3))
+def test_split_text(text, buffer):
+    """Any --split text is a Split that writes back to itself, or one line of user error."""
+    try:
+        split = Split.parse(text, buffer)
+    except Exception as exc:
+        assert_user_error(exc)
+        return
+    assert split.kind in KINDS and split.buffer == buffer >= 0
+    again = Split.parse(str(split).partition(" buffer")[0], buffer)
+    assert again == split
+
+
 @PARSE
 @given(
     st.fixed_dictionaries(
@@ -404,8 +437,7 @@ def maybe(strategy):
             "region": maybe(boxes),
             "time_range": maybe(st.tuples(date_text, date_text)),
             "fractions": maybe(st.tuples(finite, finite, finite)),
-            "block_chunks": maybe(st.tuples(*[st.integers(-2, 4)] * 3)),
-            "split": maybe(st.sampled_from(["blocks", "region"])),
+            "split": maybe(split_texts),
             "source_box": maybe(boxes),
             "target_box": maybe(boxes),
             "seed": anything,
@@ -422,8 +454,8 @@ def test_task_spec(fields):
     assert isinstance(spec.features, tuple) and all(isinstance(f, str) for f in spec.features)
     assert set(spec.coord_features) <= set(COORD_FEATURES)
     assert math.isclose(sum(spec.fractions), 1.0, abs_tol=1e-6) and min(spec.fractions) >= 0
-    assert len(spec.block_chunks) == 3 and min(spec.block_chunks) >= 1
-    assert spec.split != "region" or (spec.source_box and spec.target_box)
+    assert isinstance(spec.split, Split) and spec.split.kind in KINDS
+    assert spec.split.kind != "region" or (spec.source_box and spec.target_box)
     hash(spec)  # frozen and hashable: lists became tuples
 
 

@@ -27,12 +27,27 @@ def _part_mask(task, part):
     return mask
 
 
-def test_blocks_are_whole_chunks(tiny_task):
-    chunks = tiny_task.cube["land_surface_temperature"].chunks
+def test_default_blocks_are_46_days_by_10_degrees(tiny_task):
+    """The default grid is physical: a block spans 46 days from the cube's first date and a
+    10° band of latitude (from 90° S) and of longitude (from 180° W), whatever the chunks."""
+    days = (tiny_task.cube["time"].to_index() - tiny_task.cube["time"].to_index()[0]).days
+    lat, lon = tiny_task.coords.lat, tiny_task.coords.lon
+    for axis, label in enumerate(
+        (days // 46, np.floor((lat + 90) / 10), np.floor((lon + 180) % 360 / 10))
+    ):
+        edges = tiny_task.block_edges[axis]
+        for start, stop in itertools.pairwise(edges):
+            assert len(set(np.asarray(label[start:stop]).tolist())) == 1  # one label a block
+        assert (np.asarray(label[edges[1:-1]]) != np.asarray(label[edges[1:-1] - 1])).all()
+
+
+def test_chunks_split_blocks_are_whole_chunks(tiny):
+    task = prepare_task(get_task("lst-from-t2m", split="chunks"), tiny)
+    chunks = task.cube["land_surface_temperature"].chunks
     boundaries = [set(np.concatenate([[0], np.cumsum(c)]).tolist()) for c in chunks]
     for part in PARTS:
-        for block in tiny_task.blocks[part]:
-            for s, edges in zip(tiny_task.block_slices(block), boundaries):
+        for block in task.blocks[part]:
+            for s, edges in zip(task.block_slices(block), boundaries):
                 assert s.start in edges and s.stop in edges
 
 
@@ -98,8 +113,8 @@ def test_reference_samples_match_numpy(tiny_task):
 
 
 def test_block_chunks_group_whole_chunks(tiny):
-    task = prepare_task(get_task("lst-from-t2m", block_chunks=(4, 1, 1)), tiny)
-    assert task.block_shape[0] == 4 * task.chunk_shape[0]
+    task = prepare_task(get_task("lst-from-t2m", split="chunks:4,1,1"), tiny)
+    assert task.block_shape[0] == 46 < 4 * task.chunk_shape[0]  # the axis ends first
     assert task.block_grid[0] == 1  # the whole year in one block: split by space only
     for part in PARTS:
         for block in task.blocks[part]:
@@ -137,8 +152,8 @@ def test_region_split_keeps_source_and_target_apart(tiny):
 
 def test_region_split_drops_blocks_touching_both_boxes(tiny):
     spec = get_task(
-        "lst-from-t2m-transfer", source_box=Box(10, 60), target_box=Box(-40, -1)
-    )  # tiny's lat chunks straddle the equator
+        "lst-from-t2m-transfer", source_box=Box(5, 60), target_box=Box(-40, 3)
+    )  # the 0..10° N band of blocks touches both boxes
     task = prepare_task(spec, tiny)
     assert task.blocks_in_both_boxes > 0
     source = {tuple(b) for p in PARTS for b in task.blocks[p]}
@@ -178,37 +193,47 @@ def test_fingerprint_is_stable_and_sensitive(tmp_path, tiny_task, tiny):
     assert cube_fingerprint(other_seed) != cube_fingerprint(tiny)
 
 
-def _chunk_counts_reference(task, part) -> dict[tuple, int]:
-    """Valid samples of the part per chunk of its blocks, counted on the numpy cube."""
+def _chunk_counts_reference(task, part) -> tuple[dict[tuple, int], dict[tuple, int]]:
+    """Valid samples and cells (valid or not) of the part per chunk holding any of its cells,
+    counted on the numpy cube."""
     _, _, valid = _full_arrays(task)
     sel = task.selections[part]
-    mask = valid & _part_mask(task, part)
-    mask &= sel.time[:, None, None] & sel.lat[None, :, None] & sel.lon[None, None, :]
+    cells = _part_mask(task, part)
+    cells &= sel.time[:, None, None] & sel.lat[None, :, None] & sel.lon[None, None, :]
     chunks = task.cube["land_surface_temperature"].chunks
     edges = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
-    counts = {}
-    for block in task.blocks[part]:
-        ranges = [
-            range(*np.searchsorted(e, [s.start, s.stop]).tolist())
-            for e, s in zip(edges, task.block_slices(block))
-        ]
-        for chunk in itertools.product(*ranges):
-            window = tuple(slice(int(e[c]), int(e[c + 1])) for e, c in zip(edges, chunk))
-            counts[chunk] = int(mask[window].sum())
-    return counts
+    counts, sizes = {}, {}
+    for chunk in itertools.product(*(range(len(c)) for c in chunks)):
+        window = tuple(slice(int(e[c]), int(e[c + 1])) for e, c in zip(edges, chunk))
+        if cells[window].any():
+            counts[chunk] = int((cells & valid)[window].sum())
+            sizes[chunk] = int(cells[window].sum())
+    return counts, sizes
 
 
 @pytest.mark.parametrize(
-    ("name", "block_chunks"),
-    [("lst-from-t2m", (1, 1, 1)), ("lst-from-t2m", (2, 2, 1)), ("lst-from-t2m-transfer", None)],
+    ("name", "split"),
+    [
+        ("lst-from-t2m", "chunks"),
+        ("lst-from-t2m", "chunks:2,2,1"),
+        ("lst-from-t2m", None),
+        ("lst-from-t2m", "time"),
+        ("lst-from-t2m-transfer", None),
+    ],
 )
-def test_chunk_samples_count_each_chunks_valid_pixels(tiny, name, block_chunks):
-    """The dask pass also counts every chunk's valid samples per part (blocks of one or of
-    several chunks, region split too): they equal a count on the numpy cube, chunk by chunk,
-    for every chunk of the part's blocks, and add up to the part's samples."""
-    task = prepare_task(get_task(name, block_chunks=block_chunks), tiny)
+def test_chunk_samples_count_each_chunks_valid_pixels(tiny, name, split):
+    """The dask pass also counts every chunk's valid samples per part (chunk-aligned blocks,
+    physical blocks and periods whose chunks several parts share, region split too): they
+    equal a count on the numpy cube, chunk by chunk, for every chunk holding cells of the
+    part, and add up to the part's samples; the part's cells per chunk too."""
+    task = prepare_task(get_task(name, split=split), tiny)
     assert set(task.chunk_samples) == set(task.spec.parts)
     for part in task.spec.parts:
-        counts = task.chunk_samples[part]
-        assert counts == _chunk_counts_reference(task, part)
+        counts, sizes = _chunk_counts_reference(task, part)
+        assert task.chunk_samples[part] == counts
         assert sum(counts.values()) == task.samples[part] > 0
+        got = {
+            c: int(task.chunk_cells[part][c])
+            for c in map(tuple, np.argwhere(task.chunk_cells[part]))
+        }
+        assert got == sizes

@@ -62,6 +62,33 @@ def _add_cube_args(p: argparse.ArgumentParser) -> None:
     _add_storage_option_arg(p)
 
 
+def _add_split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--split",
+        metavar="KIND[:...]",
+        help="blocks:46d,10deg (days or steps 't' x degrees or 'px'), time:END_TRAIN,END_VAL, "
+        "region[:GRID] (the transfer task's), or chunks[:T,Y,X] (whole storage chunks: "
+        "the parts then change with the layout) (default: the task's)",
+    )
+    p.add_argument(
+        "--buffer",
+        type=_non_negative_int,
+        metavar="N",
+        help="leave out the blocks within N blocks of a later part's (train gives way to val "
+        "and test, val to test; a time split counts time steps)",
+    )
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
+
+
 def _add_storage_option_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage-option",
@@ -134,7 +161,14 @@ def _cmd_rechunk(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from cubebench.cube import open_cube
-    from cubebench.task import Box, get_task, parse_fractions, parse_time_range, prepare_task
+    from cubebench.task import (
+        Box,
+        get_task,
+        parse_fractions,
+        parse_time_range,
+        prepare_task,
+        with_split,
+    )
 
     spec = get_task(
         args.task,
@@ -143,6 +177,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         time_range=parse_time_range(args.time) if args.time else None,
         fractions=parse_fractions(args.fractions) if args.fractions else None,
     )
+    spec = with_split(spec, args.split, args.buffer)
     started = time.perf_counter()
     cube = open_cube(args.cube, storage_options=_storage_options(args.storage_option))
     prepared = prepare_task(spec, cube, scheduler=args.dask_scheduler)
@@ -159,11 +194,11 @@ def _cmd_bench_loader(args: argparse.Namespace) -> int:
 
     from cubebench.cube import open_cube
     from cubebench.loading.bench import bench_loader
-    from cubebench.task import get_task, prepare_task
+    from cubebench.task import get_task, prepare_task, with_split
     from cubebench.windows import Patch
 
     options = _storage_options(args.storage_option)
-    spec = get_task(args.task)
+    spec = with_split(get_task(args.task), args.split, args.buffer)
     if args.patch and args.geometry == "pixel":
         raise CubebenchError("--patch sets windows: it does not go with --geometry pixel")
     if args.patch:
@@ -227,6 +262,8 @@ RUN_SETTINGS = (
     "nproc",
     "repeat",
     "vary_split",
+    "split",
+    "buffer",
     "run_id",
 )
 
@@ -244,7 +281,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = _run_settings(args, available)
     cube = open_cube(settings["cube"], storage_options=options)  # a bad cube fails here
     splits = range(settings["repeat"]) if settings["vary_split"] else range(1)
-    _preflight(cube, {available[name][1].task for name in settings["cases"]}, splits)
+    tasks = {available[name][1].task for name in settings["cases"]}
+    _preflight(cube, tasks, splits, settings["split"], settings["buffer"])
     run_dir = Path(args.out) / args.resume if args.resume else claim_run_dir(args.out, args.run_id)
     cases = settings["cases"]
     tracker = None if args.no_tracking else SuiteTracker(run_dir, args.experiment)
@@ -309,6 +347,8 @@ def _run_settings(args: argparse.Namespace, available: dict) -> dict:
             "nproc": args.nproc,
             "repeat": args.repeat,
             "vary_split": args.vary_split,
+            "split": args.split,
+            "buffer": args.buffer,
         }
     defaults = vars(build_parser().parse_args(["run"]))
     given = [k for k in RUN_SETTINGS if getattr(args, k) != defaults[k]]
@@ -320,19 +360,26 @@ def _run_settings(args: argparse.Namespace, available: dict) -> dict:
     return settings
 
 
-def _preflight(cube, tasks: set[str], splits: range = range(1)) -> None:
+def _preflight(
+    cube,
+    tasks: set[str],
+    splits: range = range(1),
+    split: str | None = None,
+    buffer: int | None = None,
+) -> None:
     """Prepare every task once (with every split seed the repeats will use) before any case
     starts: a variable the cube lacks, a region without valid samples or too few blocks for a
-    split is one line now, not the same failure in every case. An unreadable chunk and other
-    problems are left to the cases that meet them (each says which)."""
+    split, a date outside the cube is one line now, not the same failure in every case. An
+    unreadable chunk and other problems are left to the cases that meet them (each says which)."""
     from cubebench.errors import ChunkReadError
-    from cubebench.task import get_task, prepare_task
+    from cubebench.task import get_task, prepare_task, with_split
 
     for name in sorted(tasks):
         for offset in splits:
             spec = get_task(name)
             try:
-                prepare_task(get_task(name, seed=spec.seed + offset), cube)
+                chosen = with_split(get_task(name, seed=spec.seed + offset), split, buffer)
+                prepare_task(chosen, cube)
             except ChunkReadError:
                 pass
             except CubebenchError as error:
@@ -441,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", metavar="LAT0,LAT1[,LON0,LON1]", help="restrict to a box")
     p.add_argument("--time", metavar="START,END", help="restrict to a date range")
     p.add_argument("--fractions", metavar="TRAIN,VAL,TEST", help="split fractions")
+    _add_split_args(p)
     _add_dask_scheduler_arg(p, "compute the split and statistics")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_prepare)
@@ -449,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cube_args(p)
     p.add_argument("--task", default="lst-from-t2m")
     p.add_argument("--part", default="train")
+    _add_split_args(p)
     p.add_argument(
         "--geometry",
         choices=("pixel", "patch"),
@@ -505,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --repeat: the task's split seed moves with the repeat too",
     )
+    _add_split_args(p)
     p.add_argument("--run-id", help="name of the run (default: date-time-random)")
     p.add_argument(
         "--resume",

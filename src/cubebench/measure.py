@@ -261,6 +261,8 @@ def run_case(
     device: str = "auto",
     seed: int = 0,
     split_seed: int | None = None,
+    split: str | None = None,
+    buffer: int | None = None,
     repeat: int = 0,
     threads: int = 2,
     environment: dict,
@@ -275,9 +277,10 @@ def run_case(
 
     `cube`: a spec for `open_cube` or an opened dataset; `task`: an already prepared task of
     the case's task (saves preparing it again); `split_seed`: the task's split seed (None:
-    the task's own); `seed`: model initialisation and sample order."""
+    the task's own); `split`, `buffer`: the command line's (`task.with_split`); `seed`: model
+    initialisation and sample order."""
     from cubebench.cube import open_cube
-    from cubebench.task import get_task, prepare_task
+    from cubebench.task import get_task, prepare_task, with_split
 
     started = time.perf_counter()
     random.seed(seed)
@@ -311,10 +314,12 @@ def run_case(
         on_phase("preparing the task")
         if task is None:
             dataset = open_cube(cube, storage_options) if isinstance(cube, str) else cube
-            task = prepare_task(get_task(cls.task, seed=split_seed), dataset)
+            spec = with_split(get_task(cls.task, seed=split_seed), split, buffer)
+            task = prepare_task(spec, dataset)
         elif task.spec.name != cls.task:
             raise ValueError(f"{cls.name} runs task {cls.task!r}, not {task.spec.name!r}")
         result["split_seed"] = task.spec.seed
+        result["split"] = str(task.spec.split)
         result["cube"].update(fingerprint=task.fingerprint, chunk_shape=list(task.chunk_shape))
         result["timing"]["prepare_s"] = round(time.perf_counter() - started, 3)
         context = Context(

@@ -155,6 +155,7 @@ def new_result(
         "params": params,
         "seed": seed,
         "split_seed": split_seed,
+        "split": None,
         "repeat": repeat,
         "threads": threads,
         "world_size": world_size,

@@ -218,6 +218,8 @@ def resume_settings(out: Path, run_id: str) -> dict[str, Any]:
     settings["nproc"] = manifest.get("nproc", 1)  # runs from before `--nproc` had one rank
     settings["repeat"] = manifest.get("repeat", 1)  # ... and before `--repeat`, one repeat
     settings["vary_split"] = manifest.get("vary_split", False)
+    settings["split"] = manifest.get("split")  # ... and before `--split`, the tasks' own
+    settings["buffer"] = manifest.get("buffer")
     return settings
 
 
@@ -271,13 +273,16 @@ def run_suite(
     nproc: int = 1,
     repeat: int = 1,
     vary_split: bool = False,
+    split: str | None = None,
+    buffer: int | None = None,
     storage_options: dict | None = None,
     progress: Progress | None = None,
     tracker: SuiteTracker | None = None,
     resume: bool = False,
 ) -> list[CaseOutcome]:
     """Run `cases`, each `repeat` times (seeds seed .. seed + repeat - 1; `vary_split`: the
-    task's split seed moves with them), one worker per repeat, into `run_dir` (claimed, or
+    task's split seed moves with them; `split`, `buffer`: every task's, see
+    `task.with_split`), one worker per repeat, into `run_dir` (claimed, or
     with `resume` an earlier run's: only repeats without a result file run).
 
     `nproc` > 1: the cases that declare `distributed` train with torch DDP on that many ranks
@@ -308,6 +313,8 @@ def run_suite(
             "nproc": nproc,
             "repeat": repeat,
             "vary_split": vary_split,
+            "split": split,
+            "buffer": buffer,
             "timeout_s": timeout,
             "started_at": results.now(),
             "finished_at": None,
@@ -385,6 +392,8 @@ def _run_one(
         "device": manifest["device"],
         "seed": manifest["seed"] + repeat,
         "split_seed": split_seed,
+        "split": manifest.get("split"),
+        "buffer": manifest.get("buffer"),
         "threads": max(1, manifest["threads"] // nproc),  # per rank: they share the budget
         "nproc": nproc,
         "environment": environment,

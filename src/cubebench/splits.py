@@ -7,8 +7,9 @@ part for every block:
   of pixels and time steps (`4t,64px`), anchored at the cube's first date, 90°S and 180°W
   (pixel and step blocks at index 0); blocks holding a valid sample are ranked by a seeded
   hash of their position and cut in the task's fractions;
-* `time:2015-12-31,2017-12-31`: train up to the first date, val up to the second, test after
-  (every time step a block, so a buffer counts steps);
+* `time:2015-12-31,2017-12-31`: train up to the first date, val up to the second, test after;
+  `time` alone cuts the task's time steps in its fractions (train first, test last). Every
+  time step is a block, so a buffer counts steps;
 * `region[:46d,10deg]`: the transfer split: blocks in the source box and in the target box,
   each group cut in the fractions (blocks touching both boxes are in neither);
 * `chunks[:1,2,2]`: blocks of whole storage chunks (here 1 × 2 × 2). The fastest, as no chunk
@@ -83,7 +84,7 @@ class Split:
             raise TaskError(f"a buffer is a whole number of blocks >= 0, got {b!r}")
         if self.kind in ("blocks", "region"):
             _ = self.time_length, self.space_lengths  # each raises if unreadable
-        if self.kind == "time":
+        if self.kind == "time" and self.dates is not None:
             if not isinstance(self.dates, tuple) or len(self.dates) != 2:
                 raise TaskError(
                     f"a time split is 'time:END_OF_TRAIN,END_OF_VAL', got {self.dates!r}"
@@ -132,7 +133,9 @@ class Split:
                 f"split must be one of {', '.join(KINDS)} (e.g. 'blocks:46d,10deg'), got {text!r}"
             )
         if kind == "time":
-            dates = tuple(d.strip() for d in rest.split(",")) if rest else ()
+            if not rest:
+                return cls(kind, buffer=buffer)
+            dates = tuple(d.strip() for d in rest.split(","))
             if len(dates) != 2 or not all(dates):
                 raise TaskError(f"a time split is 'time:END_OF_TRAIN,END_OF_VAL', got {text!r}")
             return cls(kind, dates=dates, buffer=buffer)  # type: ignore[arg-type]
@@ -157,7 +160,7 @@ class Split:
 
     def __str__(self) -> str:
         if self.kind == "time":
-            text = f"time:{self.dates[0]},{self.dates[1]}"  # type: ignore[index]
+            text = f"time:{self.dates[0]},{self.dates[1]}" if self.dates else "time"
         elif self.kind == "chunks":
             text = "chunks:" + ",".join(map(str, self.block_chunks))
         else:
@@ -257,8 +260,18 @@ def grid_of(split: Split, cube, chunks: tuple[tuple[int, ...], ...]) -> Grid:
     return Grid(*zip(*runs), periodic=periodic)  # type: ignore[arg-type]
 
 
-def time_parts(split: Split, cube) -> np.ndarray:
-    """For a `time` split: the part (0 train, 1 val, 2 test) of every time step."""
+def time_parts(
+    split: Split, cube, fractions: tuple[float, float, float], selected: np.ndarray
+) -> np.ndarray:
+    """For a `time` split: the part (0 train, 1 val, 2 test) of every time step; without
+    dates, the `selected` steps cut in `fractions`, in order."""
+    if split.dates is None:
+        steps = np.flatnonzero(selected)
+        cuts = np.round(np.cumsum(fractions)[:2] * len(steps)).astype(np.int64)
+        ends = steps[np.minimum(cuts, len(steps) - 1)] if len(steps) else np.zeros(2, np.int64)
+        ends = np.where(cuts < len(steps), ends, len(selected))  # a part reaching the end
+        at = np.arange(len(selected))
+        return np.where(at < ends[0], 0, np.where(at < ends[1], 1, 2)).astype(np.int64)
     index = cube["time"].to_index()
     dates = [parse_time(d) for d in split.dates]  # type: ignore[union-attr]
     first, second = in_calendar(index, dates, f"time split {split.dates}")

@@ -244,6 +244,31 @@ def get_task(name: str, **overrides: object) -> TaskSpec:
     return replace(TASKS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
+def with_split(spec: TaskSpec, split: str | None = None, buffer: int | None = None) -> TaskSpec:
+    """`spec` with the command line's `--split` and `--buffer`.
+
+    A transfer (region) task keeps its source and target boxes: a `blocks` split gives it its
+    grid, a `time` or `chunks` split leaves it as it is (its split is what the task is about).
+    A `region` split on a task without boxes is a TaskError."""
+    if split is None and buffer is None:
+        return spec
+    chosen = Split.parse(split) if split else spec.split
+    if spec.split.kind == "region":
+        if chosen.kind in ("blocks", "region"):
+            grid = {"time_block": chosen.time_block, "space_block": chosen.space_block}
+            chosen = replace(spec.split, **grid)
+        else:
+            chosen = spec.split
+    elif chosen.kind == "region":
+        raise TaskError(
+            f"task {spec.name} has no source and target boxes for a region split; "
+            "the transfer task has (lst-from-t2m-transfer)"
+        )
+    if buffer is not None:
+        chosen = replace(chosen, buffer=buffer)
+    return replace(spec, split=chosen)
+
+
 # --- samples of one block: the reference definition every loader must reproduce ---------
 
 
@@ -687,7 +712,9 @@ def prepare_task(spec: TaskSpec, cube: xr.Dataset, scheduler: str | None = None)
         sel = _selection(ds, spec.region, spec.time_range)
         selections = dict.fromkeys(PARTS, sel)
         groups = [(sel, PARTS)]
-    time_part = time_parts(split, ds) if split.kind == "time" else None
+    time_part = None
+    if split.kind == "time":
+        time_part = time_parts(split, ds, spec.fractions, groups[0][0].time)
 
     # which selection group every block belongs to (-1: none; -2: both, would leak)
     hits = np.zeros(blocks_of.shape, np.int64)
@@ -848,8 +875,8 @@ def _check_parts(
 ) -> None:
     """Every part the task asks for holds a valid sample, or a TaskError says which is empty."""
     wanted = spec.fractions * (2 if spec.split.kind == "region" else 1)
-    if spec.split.kind == "time":
-        wanted = (1.0, 1.0, 1.0)
+    if spec.split.kind == "time" and spec.split.dates is not None:
+        wanted = (1.0, 1.0, 1.0)  # three periods, each with samples
     for code, (part, fraction) in enumerate(zip(spec.parts, wanted)):
         if fraction > 0 and not block_count[part_of_block == code].sum():
             raise TaskError(

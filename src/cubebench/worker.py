@@ -66,6 +66,8 @@ def run(spec: dict) -> dict:
         device=spec["device"],
         seed=int(spec["seed"]),
         split_seed=spec.get("split_seed"),
+        split=spec.get("split"),
+        buffer=spec.get("buffer"),
         repeat=int(spec.get("repeat", 0)),
         threads=int(spec["threads"]),
         environment=spec["environment"],
