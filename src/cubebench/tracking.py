@@ -151,6 +151,7 @@ def case_params(result: dict) -> dict[str, str]:
         "world_size": result.get("world_size", 1),
         "seed": result["seed"],
         "split_seed": result.get("split_seed"),
+        "split": result.get("split"),
         "repeat": result.get("repeat"),
     }
     return {k: str(v) for k, v in scrub_tree(params).items() if v is not None}

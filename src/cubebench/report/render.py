@@ -346,6 +346,16 @@ def section_heading(section: TaskSection) -> str:
     return f"Task: {section.task}"
 
 
+def split_line(section: TaskSection) -> str | None:
+    """Which split the task's results were scored on (None for results from before the
+    split kinds)."""
+    if not section.splits:
+        return None
+    chunks = any(s.startswith("chunks") for s in section.splits)
+    note = " (whole chunks: the test set depends on the cube's layout)" if chunks else ""
+    return f"Split: {', '.join(section.splits)}{note}."
+
+
 def _significance(section: TaskSection) -> str | None:
     """The one line that replaces the comparison table, if any."""
     if not section.comparisons:
@@ -387,6 +397,8 @@ def _md_section(section: TaskSection) -> list[str]:
     units = units_of(section.rows)
     cols = columns(units)
     out = [f"## {_md_escape(section_heading(section))}", ""]
+    if split_line(section):
+        out += [_md_escape(split_line(section)), ""]
     out.append(
         md_table([c.header for c in cols], cells(section.rows, cols), [c.numeric for c in cols])
     )
@@ -505,6 +517,7 @@ def html_section(
     classes = [str(row.get("status") or "") for row in section.rows]
     parts = [
         f"<{h}>{e(section_heading(section))}</{h}>",
+        *([f"<p>{e(split_line(section))}</p>"] if split_line(section) else []),
         html_table(
             [c.header for c in cols], cells(section.rows, cols), [c.numeric for c in cols], classes
         ),

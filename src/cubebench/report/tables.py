@@ -436,6 +436,7 @@ class TaskSection:
     rows: list[dict]
     comparisons: list[dict] = field(default_factory=list)
     transfer: tuple[list[str], list[dict]] = field(default_factory=lambda: ([], []))
+    splits: list[str] = field(default_factory=list)  # as the results say (`--split`'s text)
 
     @property
     def plot(self) -> str | None:
@@ -466,6 +467,7 @@ def task_sections(
                 [row for row in rows if row["task"] == task],
                 [c for c in comparisons if c["task"] == task],
                 (used, in_task),
+                sorted({r["split"] for r in results if r.get("task") == task and r.get("split")}),
             )
         )
     orphans = [row for row in rows if row["task"] is NO_TASK]
