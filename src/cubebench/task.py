@@ -521,6 +521,22 @@ class PreparedTask:
         """The chunks holding cells of the part, in C order: what its loader reads."""
         return [tuple(int(i) for i in c) for c in np.argwhere(self.chunk_cells[part] > 0)]
 
+    def needed_cells(self, part: str) -> np.ndarray:
+        """What the part needs of every chunk, in cells: the chunk's cells in the part's
+        selection (box, time range; ocean and clouds included) times the part's share of the
+        chunk's cells that lie in any part's blocks. A chunk of one part's blocks is needed
+        whole; a chunk the parts share is needed in proportion (its cells in blocks of no
+        part, like ocean-only blocks, are shared out the same way)."""
+        cells = self.chunk_cells[part].astype(np.float64)
+        total = sum(self.chunk_cells[p] for p in self.spec.parts).astype(np.float64)
+        share = np.divide(cells, total, out=np.zeros_like(cells), where=total > 0)
+        sel = self.selections[part]
+        selected = [
+            np.add.reduceat(mask.astype(np.int64), e[:-1].astype(np.intp))
+            for mask, e in zip((sel.time, sel.lat, sel.lon), self.chunk_edges)
+        ]
+        return np.einsum("i,j,k->ijk", *selected) * share
+
     def part_mask(self, part: str, window: Sequence[slice]) -> np.ndarray | None:
         """Which pixels of `window` lie in the part's blocks; None when all do (a chunk inside
         the part's blocks: nothing to mask)."""

@@ -64,12 +64,12 @@ class PatchStream(StreamBase):
     stretch of the epoch's walk, balanced by windows (`epoch_units`), and yields
     `steps_per_epoch()` batches; a sample is a window.
 
-    `stats.bytes_needed` adds, per epoch, for the chunks this shard's windows need (its
-    decoded chunks: in the part's blocks, or in blocks of no part that windows reach into),
-    their cells inside the part's selection (box and time range) times the item size times
-    the variables read. Not the windows' union: cells of a needed chunk that no kept window
-    covers (windows without targets, windows dropped between parts) count as needed, as a
-    chunk's invalid pixels do for pixels, so a task over the whole cube has exactly 1.
+    `stats.bytes_needed` adds, per epoch, what the part needs of the chunks this shard's
+    windows read (`StreamBase.needed_bytes`: a chunk of the part's blocks whole, a chunk the
+    parts share in proportion to the part's cells). Not the windows' union: cells of a needed
+    chunk that no kept window covers (windows without targets, windows dropped between parts)
+    count as needed, as a chunk's invalid pixels do for pixels, so a `chunks` split over the
+    whole cube has exactly 1.
     """
 
     default_batch_size = 32

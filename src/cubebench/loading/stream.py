@@ -47,13 +47,14 @@ class LoadStats:
 
     @property
     def read_amplification(self) -> float:
-        """Decoded bytes / bytes the epochs needed (`bytes_needed`: the cells of the decoded
-        chunks inside the part's blocks and selection, invalid pixels included).
+        """Decoded bytes / bytes the epochs needed (`bytes_needed`: of each decoded chunk, its
+        cells in the part's selection times the part's share of the chunk, invalid pixels
+        included; `PreparedTask.needed_cells`).
 
-        1.0: every decoded byte lies in the part's box and time range, as for a task over the
-        whole cube on any layout; above 1: chunks straddle the selection's border (a box
-        edge inside a chunk row) and the cells beyond it are decoded for nothing, or a chunk
-        is decoded twice.
+        1.0: every decoded byte is the part's, as for a `chunks` split or a time split on one
+        time step per chunk; about 1 / the part's share: the chunks are shared by the parts
+        (a physical split on large chunks: each part decodes the others' cells too); above 1
+        also where chunks straddle the selection's border (a box edge inside a chunk row).
         """
         return self.bytes_decoded / self.bytes_needed if self.bytes_needed else float("nan")
 
@@ -209,11 +210,13 @@ class StreamBase:
         return [q + 1] * r + [q] * (steps - r)
 
     def needed_bytes(self, chunks: Collection[ChunkIndex]) -> int:
-        """What the part needs of `chunks`: their cells inside the part's blocks and selection
-        (box and time range; ocean and cloud pixels included), times the item size, times the
-        variables read (`PreparedTask.chunk_cells`)."""
-        cells = self.task.chunk_cells[self.part]
-        return sum(int(cells[c]) for c in chunks) * self.itemsize * len(self.variables)
+        """What the part needs of `chunks` (`PreparedTask.needed_cells`: a chunk inside the
+        part's blocks whole, a shared chunk in proportion to the part's cells in it; within the
+        part's box and time range) times the item size, times the variables read."""
+        if not hasattr(self, "_needed"):
+            self._needed = self.task.needed_cells(self.part)
+        cells = sum(float(self._needed[c]) for c in chunks)
+        return round(cells * self.itemsize * len(self.variables))
 
 
 class ChunkStream(StreamBase):
@@ -224,11 +227,11 @@ class ChunkStream(StreamBase):
     each chunk once, and each yields `steps_per_epoch()` batches.
 
     A chunk holding cells of several parts (a split that does not follow the chunks) is read
-    by each part's stream and masked to the part. `stats.bytes_needed` adds, per epoch, for
-    this shard's chunks, the part's cells in them (its blocks and selection; ocean and cloud
-    pixels included) times the item size times the variables read: a read amplification of 1
-    when every chunk lies in one part's blocks, about 1 / the part's share when every chunk
-    is shared (a time split on a time-series layout).
+    by each part's stream and masked to the part. `stats.bytes_needed` adds, per epoch, what
+    the part needs of this shard's chunks (`needed_bytes`): a read amplification of 1 when
+    every chunk lies in one part's blocks inside its selection, about 1 / the part's share of
+    the cells when every chunk is shared (a time split on a time-series layout), and above 1
+    where a box cuts through chunks.
     """
 
     default_batch_size = 4096
