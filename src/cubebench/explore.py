@@ -312,6 +312,9 @@ def predictions(run: InlineRun, part: str | None = None, predictor: str | None =
         )
         for a in arrays:
             valid &= np.isfinite(a)
+        part_mask = task.part_mask(part, window)  # a chunk the parts share
+        if part_mask is not None:
+            valid &= part_mask
         it, iy, ix = np.nonzero(valid)
         if len(it) != len(decoded.y):  # the reference definition and the loader disagree
             raise RuntimeError(f"chunk {chunk}: {len(it)} valid pixels, {len(decoded.y)} samples")
