@@ -12,7 +12,73 @@ import numpy as np
 import pytest
 
 from cubebench.loading import ChunkStream, available_readers, materialize
-from cubebench.task import PARTS
+from cubebench.task import PARTS, get_task, prepare_task
+
+TARGET = "land_surface_temperature"
+
+
+@pytest.fixture(scope="module")
+def chunks_task(tiny):
+    """The pixel task on a `chunks` split: every block one storage chunk (12 x 12 x 23)."""
+    return prepare_task(get_task("lst-from-t2m", split="chunks"), tiny)
+
+
+# --- the split and the chunks on numpy masks: what a part reads and needs --------------------
+
+
+def _chunk_windows(task) -> dict[tuple[int, int, int], tuple[slice, slice, slice]]:
+    """Every storage chunk of the cube (from the target's dask chunks): index -> slices."""
+    edges = [np.concatenate([[0], np.cumsum(c)]) for c in task.cube[TARGET].chunks]
+    return {
+        chunk: tuple(slice(int(e[i]), int(e[i + 1])) for e, i in zip(edges, chunk))
+        for chunk in np.ndindex(*(len(e) - 1 for e in edges))
+    }
+
+
+def _selected(task, part: str) -> np.ndarray:
+    """The part's selection (box, time range) as a boolean cube."""
+    sel = task.selections[part]
+    return sel.time[:, None, None] & sel.lat[None, :, None] & sel.lon[None, None, :]
+
+
+def _cells_of(task, part: str) -> np.ndarray:
+    """The part's cells as a boolean cube: its blocks (`part_of_block` spread over the grid's
+    runs, `grid.edges`) inside its selection; valid or not."""
+    code = task.spec.parts.index(part)
+    runs = [np.repeat(np.arange(len(e) - 1), np.diff(e)) for e in task.grid.edges]
+    return (task.part_of_block == code)[np.ix_(*runs)] & _selected(task, part)
+
+
+def _valid(task) -> np.ndarray:
+    """Pixels whose input and target are both finite."""
+    cube = task.cube
+    return np.isfinite(cube["air_temperature_2m"].values) & np.isfinite(cube[TARGET].values)
+
+
+def _costs(task, part: str) -> tuple[list[tuple[int, int, int]], int, float]:
+    """(the chunks the part reads, in C order; their cells; the cells the part needs of them).
+
+    A part reads every chunk holding one of its cells, whole. It needs of a chunk the chunk's
+    cells in its selection times its share of the chunk's cells that lie in any part (its
+    cells over all parts' cells there): a chunk of the part's blocks whole, a chunk the parts
+    share in proportion."""
+    cells = {p: _cells_of(task, p) for p in task.spec.parts}
+    selected = _selected(task, part)
+    chunks, decoded, needed = [], 0, 0.0
+    for chunk, window in _chunk_windows(task).items():
+        mine = int(cells[part][window].sum())
+        if mine:
+            chunks.append(chunk)
+            decoded += selected[window].size
+            everyone = sum(int(c[window].sum()) for c in cells.values())
+            needed += int(selected[window].sum()) * mine / everyone
+    return chunks, decoded, needed
+
+
+def _amplification(decoded: int, needed: float, roundings: int = 1):
+    """decoded / needed cells, for `==`: the loader rounds what a part needs to whole bytes
+    (8 a cell: float32 input and target), once per stream and epoch."""
+    return pytest.approx(decoded / needed, rel=roundings / (needed * 4 * 2))
 
 
 def _rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -62,11 +128,39 @@ def test_drop_last_drops_only_the_partial_batch(tiny_task):
     assert len(y) == tiny_task.samples["train"] // 1000 * 1000
 
 
-def test_no_chunk_is_shared_between_parts(tiny_task):
-    chunks = {p: set(ChunkStream(tiny_task, p).chunks) for p in PARTS}
+def test_no_chunk_is_shared_between_parts(chunks_task):
+    """A `chunks` split: its blocks are whole chunks, so no chunk holds cells of two parts and
+    one epoch of every part decodes each chunk once."""
+    streams = {p: ChunkStream(chunks_task, p) for p in PARTS}
+    chunks = {p: set(s.chunks) for p, s in streams.items()}
+    assert all(chunks.values())
     assert not chunks["train"] & chunks["val"]
     assert not chunks["train"] & chunks["test"]
     assert not chunks["val"] & chunks["test"]
+    for stream in streams.values():
+        for _ in stream.batches(0):
+            pass
+    decoded = sum(s.stats.chunks_decoded for s in streams.values())
+    assert decoded == len(set().union(*chunks.values()))
+
+
+def test_a_chunk_of_several_parts_is_read_by_each_and_masked_to_it(tiny_task):
+    """The physical split (blocks of 46 days x 10 degrees) does not follow tiny's chunks of
+    12 steps x 12 x 23 pixels: a chunk holds cells of several parts. Each part's stream reads
+    exactly the chunks holding its cells, and from each delivers only its own valid pixels."""
+    valid = _valid(tiny_task)
+    windows = _chunk_windows(tiny_task)
+    readers = Counter()
+    for part in PARTS:
+        mine = valid & _cells_of(tiny_task, part)
+        stream = ChunkStream(tiny_task, part, shuffle=False)
+        expected, _, _ = _costs(tiny_task, part)
+        assert stream.chunks == tiny_task.part_chunks(part) == expected
+        for chunk in stream.chunks:
+            count = int(mine[windows[chunk]].sum())
+            assert len(stream.decode(chunk).y) == tiny_task.chunk_samples[part][chunk] == count
+        readers.update(stream.chunks)
+    assert max(readers.values()) > 1  # some chunk is read by two or three parts
 
 
 def test_same_seed_same_batches_other_epoch_other_order(tiny_task):
@@ -92,17 +186,29 @@ def test_batches_mix_chunks(tiny_task):
     assert len(np.unique(np.round(x_in_order[:, 2:], 4), axis=0)) <= 12  # one chunk: 12 steps
 
 
-def test_counters_are_consistent(tiny_task):
-    stream = ChunkStream(tiny_task, "test", batch_size=700)
+@pytest.mark.parametrize("split", ["blocks", "chunks"])
+def test_counters_are_consistent(split, request):
+    """The counters against numpy masks: the test part reads the chunks holding its cells,
+    decodes them whole (float32 input and target) and needs its share of them; on a `chunks`
+    split that is all of them (1.0), on the physical grid it shares them with train and val."""
+    task = request.getfixturevalue("tiny_task" if split == "blocks" else "chunks_task")
+    stream = ChunkStream(task, "test", batch_size=700)
     for _ in stream.batches(0):
         pass
     stats = stream.stats
-    windows = [stream.chunk_slices(c) for c in stream.chunks]
-    chunk_bytes = sum(int(np.prod([w.stop - w.start for w in win])) * 4 for win in windows)
-    assert stats.chunks_decoded == len(stream.chunks)
-    assert stats.bytes_decoded == chunk_bytes * 2  # input and target
-    assert stats.read_amplification == 1.0
-    assert stats.samples == tiny_task.samples["test"]
+    chunks, decoded, needed = _costs(task, "test")
+    assert stream.chunks == chunks
+    assert stats.chunks_decoded == len(chunks)
+    assert stats.bytes_decoded == decoded * 4 * 2  # input and target
+    assert stats.bytes_needed == pytest.approx(needed * 4 * 2, abs=1)
+    assert stats.read_amplification == _amplification(decoded, needed)
+    if split == "chunks":
+        assert stats.bytes_needed == stats.bytes_decoded and stats.read_amplification == 1.0
+    else:  # the test part holds about a sixth of the cells of the chunks it reads
+        assert stats.read_amplification > 2
+    assert (
+        stats.samples == task.samples["test"] == int((_valid(task) & _cells_of(task, "test")).sum())
+    )
     assert stats.batches == -(-stats.samples // 700)
     assert 0 < stats.bytes_read < stats.bytes_decoded  # compressed bytes from the store
     assert 0 <= stats.stall_seconds <= stats.wall_seconds
@@ -168,9 +274,18 @@ def test_mix_interleaves_parts_in_proportion():
         assert np.all(np.abs(counts - expected) <= 0.25 * expected + 16), counts
 
 
-@pytest.mark.parametrize("adapter", ["numpy", "torch", "tf"])
-def test_bench_loader_cli_reports_costs(tiny_task, adapter):
+@pytest.mark.parametrize(
+    ("adapter", "split"),
+    [("numpy", None), ("torch", None), ("tf", None), ("numpy", "chunks")],
+    ids=["numpy", "torch", "tf", "numpy-chunks"],
+)
+def test_bench_loader_cli_reports_costs(adapter, split, request):
+    """The train part's costs; the read amplification on numpy masks: whole chunks of the
+    train blocks (`--split chunks`) are needed whole, 1.0; the task's physical grid shares
+    tiny's chunks between the parts, so train needs only its share of them."""
+    task = request.getfixturevalue("chunks_task" if split else "tiny_task")
     command = ["bench-loader", "--cube", "synthetic:tiny", "--adapter", adapter, "--json"]
+    command += ["--split", split] if split else []
     proc = subprocess.run(
         [sys.executable, "-m", "cubebench", *command],
         capture_output=True,
@@ -180,11 +295,16 @@ def test_bench_loader_cli_reports_costs(tiny_task, adapter):
     )
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)
-    assert row["pairs"] == row["expected_pairs"] == tiny_task.samples["train"]
+    assert row["pairs"] == row["expected_pairs"] == task.samples["train"]
     for key in ("pairs_per_s", "raw_decode_pairs_per_s", "ratio_to_raw", "peak_rss_mb"):
         assert row[key] > 0
     assert row["raw_reader"] in row["raw_by_reader"]
-    assert row["read_amplification"] == 1.0
+    _, decoded, needed = _costs(task, "train")
+    if split == "chunks":
+        assert decoded == needed and row["read_amplification"] == 1.0
+    else:
+        assert decoded / needed > 1
+        assert row["read_amplification"] == _amplification(decoded, needed)
     assert row["time_to_first_batch_s"] > 0
     if adapter == "tf":  # consumed inside the graph: no consumer-side stall to observe
         assert row["stall_fraction"] is None
@@ -311,16 +431,19 @@ def test_planned_batches_keep_their_number_whatever_the_groups_hold():
     assert sizes([]) == []
 
 
-def _whole_cube(layout: str):
+def _whole_cube(layout: str, split: str | None = None):
     from cubebench.cube import open_cube
-    from cubebench.task import get_task, prepare_task
 
-    return prepare_task(get_task("lst-from-t2m"), open_cube(f"synthetic:tiny?layout={layout}"))
+    cube = open_cube(f"synthetic:tiny?layout={layout}")
+    return prepare_task(get_task("lst-from-t2m", split=split), cube)
 
 
 @pytest.mark.parametrize("layout", ["balanced", "map", "5,7,11"])
 def test_read_amplification_is_one_over_the_whole_cube(layout):
-    task = _whole_cube(layout)
+    """A `chunks` split over the whole cube decodes nothing a part does not need: exactly 1
+    on any layout. The physical split shares chunks between the parts: each part needs its
+    share of a chunk, so together the parts need every chunk they read exactly once."""
+    task = _whole_cube(layout, "chunks")
     for part in PARTS:
         stream = ChunkStream(task, part, batch_size=4096)
         for _ in stream.batches(0):
@@ -328,36 +451,46 @@ def test_read_amplification_is_one_over_the_whole_cube(layout):
         assert stream.stats.bytes_needed == stream.stats.bytes_decoded > 0
         assert stream.stats.read_amplification == 1.0
 
+    task = _whole_cube(layout)
+    sizes = {
+        c: int(np.prod([s.stop - s.start for s in w])) for c, w in _chunk_windows(task).items()
+    }
+    readers: Counter = Counter()
+    needed_bytes = 0
+    for part in PARTS:
+        stream = ChunkStream(task, part, batch_size=4096)
+        for _ in stream.batches(0):
+            pass
+        chunks, decoded, needed = _costs(task, part)
+        assert stream.stats.chunks_decoded == len(chunks)
+        assert stream.stats.bytes_decoded == decoded * 4 * 2
+        assert stream.stats.bytes_needed == pytest.approx(needed * 4 * 2, abs=1)
+        assert stream.stats.read_amplification == _amplification(decoded, needed)
+        readers.update(chunks)
+        needed_bytes += stream.stats.bytes_needed
+    assert max(readers.values()) > 1  # a chunk read by several parts
+    assert needed_bytes == pytest.approx(sum(sizes[c] for c in readers) * 4 * 2, abs=3)
 
-def _expected_amplification(task, part: str) -> tuple[float, int]:
-    """Decoded / needed cells, counted on numpy masks: every chunk of the part's blocks that
-    overlaps its selection is decoded whole; the part needs the cells in its blocks and its
-    selection. Also the number of such chunks."""
-    shape = task.cube["land_surface_temperature"].shape
-    sel = task.selections[part]
-    selected = sel.time[:, None, None] & sel.lat[None, :, None] & sel.lon[None, None, :]
-    in_blocks = np.zeros(shape, bool)
-    for block in task.blocks[part]:
-        in_blocks[task.block_slices(block)] = True
-    edges = [
-        np.concatenate([[0], np.cumsum(c)]) for c in task.cube["land_surface_temperature"].chunks
-    ]
-    decoded, chunks = 0, 0
-    for chunk in np.ndindex(*(len(e) - 1 for e in edges)):
-        window = tuple(slice(int(e[c]), int(e[c + 1])) for e, c in zip(edges, chunk))
-        if in_blocks[window].all() and selected[window].any():
-            decoded += in_blocks[window].size
-            chunks += 1
-    return decoded / int((in_blocks & selected).sum()), chunks
+
+# blocks of whole chunks of tiny (12 steps x 12 x 23 pixels): the transfer task's region grid
+# in steps and pixels, the box task's `chunks` split
+CHUNK_GRIDS = {
+    "lst-from-t2m-transfer": "region:12t,12px,23px",
+    "lst-from-t2m-box-and-season": "chunks",
+}
 
 
 @pytest.mark.parametrize("name", ["lst-from-t2m-transfer", "lst-from-t2m-box-and-season"])
 def test_read_amplification_counts_the_cells_a_box_cuts_off(tiny, name):
     """tiny's chunk rows of 12 x 4 degrees straddle 20 and 70 degrees north: the cells
-    beyond the box are decoded for nothing. The ratio equals a count on numpy masks, for one
-    stream and for two shards together."""
+    beyond the box are decoded for nothing. On blocks of whole chunks that is the only cost
+    (the part needs the cells of its chunks in the box); on the task's physical grid the parts
+    also share chunks. The ratio equals a count on numpy masks, for one stream and for two
+    shards together."""
+    from dataclasses import replace
+
     from cubebench.loading import LoadStats
-    from cubebench.task import Box, get_task, prepare_task
+    from cubebench.task import Box
 
     if name == "lst-from-t2m-transfer":
         spec = get_task(name)
@@ -365,19 +498,27 @@ def test_read_amplification_counts_the_cells_a_box_cuts_off(tiny, name):
         spec = get_task(
             "lst-from-t2m", region=Box(20, 70, -20, 60), time_range=("2001-03-01", "2001-08-31")
         )
-    task = prepare_task(spec, tiny)
-    for part in ("train", "test", *(("target_train",) if spec.split == "region" else ())):
-        expected, chunks = _expected_amplification(task, part)
-        assert expected > 1
-        stream = ChunkStream(task, part, batch_size=1000)
-        for _ in stream.batches(0):
-            pass
-        assert stream.stats.chunks_decoded == chunks
-        assert stream.stats.read_amplification == expected
-        shards = [ChunkStream(task, part, batch_size=1000).shard(i, 2) for i in range(2)]
-        total = LoadStats()
-        for shard in shards:
-            for _ in shard.batches(3):
+    region = ("target_train",) if spec.split.kind == "region" else ()
+    for split in (CHUNK_GRIDS[name], None):
+        task = prepare_task(replace(spec, split=split) if split else spec, tiny)
+        for part in ("train", "test", *region):
+            chunks, decoded, needed = _costs(task, part)
+            expected = decoded / needed
+            assert expected > 1
+            if split:  # no chunk shared: the part needs its chunks' cells in the box
+                selected, windows = _selected(task, part), _chunk_windows(task)
+                assert needed == sum(int(selected[windows[c]].sum()) for c in chunks)
+            stream = ChunkStream(task, part, batch_size=1000)
+            for _ in stream.batches(0):
                 pass
-            total = total + shard.stats
-        assert total.read_amplification == expected
+            assert stream.chunks == chunks
+            assert stream.stats.chunks_decoded == len(chunks)
+            assert stream.stats.read_amplification == _amplification(decoded, needed)
+            shards = [ChunkStream(task, part, batch_size=1000).shard(i, 2) for i in range(2)]
+            total = LoadStats()
+            for shard in shards:
+                for _ in shard.batches(3):
+                    pass
+                total = total + shard.stats
+            assert total.chunks_decoded == len(chunks)
+            assert total.read_amplification == _amplification(decoded, needed, roundings=2)

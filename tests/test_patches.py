@@ -18,42 +18,98 @@ import pytest
 from cubebench.errors import TaskError
 from cubebench.loading import PatchStream, open_stream
 from cubebench.loading.readers import open_reader
-from cubebench.task import get_task, prepare_task
+from cubebench.splits import Split
+from cubebench.task import BUFFER, get_task, prepare_task
 from cubebench.windows import Patch, cell_counts, hidden_mask, n_cells, place_windows
 
 
 @pytest.fixture(scope="module")
 def task(tiny):
+    """The gap-filling task as it comes: 16 x 16 windows on blocks of 46 days x 64 pixels."""
     return prepare_task(get_task("lst-gapfill"), tiny)
 
 
-def test_windows_lie_in_the_blocks_of_one_part(task):
-    owner = {tuple(block): part for part, blocks in task.blocks.items() for block in blocks}
-    for part, origins in task.windows.origins.items():
-        assert len(origins) == task.samples[part] > 0
-        for origin in origins:
-            ranges = [range(a, b + 1) for a, b in touched_in_order(task, origin)]
-            parts = {
-                owner.get(tuple(r[i] for r, i in zip(ranges, idx)))
-                for idx in np.ndindex(*[len(r) for r in ranges])
-            }
-            assert parts - {None} == {part}
-    # the tiny cube's 12 x 23 chunks are narrower than a window: some windows had to go
-    assert task.windows.dropped_across_parts > 0
-    every = [tuple(o) for origins in task.windows.origins.values() for o in origins]
-    assert len(every) == len(set(every))  # no window in two parts
+@pytest.fixture(scope="module")
+def aligned(tiny):
+    """The gap-filling task on blocks of 1 x 2 x 2 storage chunks (`chunks:1,2,2`)."""
+    return prepare_task(get_task("lst-gapfill", split="chunks:1,2,2"), tiny)
 
 
-def touched_in_order(task, origin):
-    """(first, last) block index per axis of a window at `origin`."""
-    size = task.spec.patch.size
-    return [
-        (
-            int(np.searchsorted(edges, o, "right") - 1),
-            int(np.searchsorted(edges, o + n - 1, "right") - 1),
-        )
-        for edges, o, n in zip(task.block_edges, origin, size)
+@pytest.fixture(scope="module")
+def buffered(tiny):
+    """Windows 3 steps deep on a time split (train, val, test periods) with a buffer of one
+    step: the last train step and the last val step are left out."""
+    spec = replace(
+        get_task("lst-gapfill"), patch=Patch((3, 8, 8), (1, 4, 4)), split=Split("time", buffer=1)
+    )
+    return prepare_task(spec, tiny)
+
+
+def touched_blocks(task, origin) -> list[tuple[int, int, int]]:
+    """The blocks a window at `origin` touches, from the grid's runs (`grid.edges`)."""
+    ranges = [
+        range(int(np.searchsorted(e, o, "right") - 1), int(np.searchsorted(e, o + n - 1, "right")))
+        for e, o, n in zip(task.grid.edges, origin, task.spec.patch.size)
     ]
+    return list(itertools.product(*ranges))
+
+
+def windows_by_hand(task, tiny):
+    """Every window of the stride grid placed on numpy arrays: its target pixels (valid, in
+    the selection, hidden) and the parts of the blocks it touches (`part_of_block`; -1, no
+    part, is neutral; a buffered block counts as a part of its own). Returns the kept origins
+    per part code, the windows dropped (targets, two codes) and, per set of codes touched,
+    how many windows with targets touch it."""
+    spec, patch = task.spec, task.spec.patch
+    target = tiny[spec.target].values
+    sel = task.selections[spec.parts[0]]
+    valid = np.isfinite(target) & sel.time[:, None, None] & sel.lat[None, :, None]
+    valid &= sel.lon[None, None, :]
+    for name in spec.inputs:
+        valid &= np.isfinite(tiny[name].values)
+    hidden = hidden_mask(patch, spec.seed, *(slice(0, n) for n in target.shape))
+    targets = valid & hidden
+    starts = [range(0, n - s + 1, k) for n, s, k in zip(target.shape, patch.size, patch.step)]
+    kept: dict[int, set] = {}
+    touching: Counter = Counter()
+    for origin in itertools.product(*starts):
+        window = tuple(slice(o, o + n) for o, n in zip(origin, patch.size))
+        if not targets[window].any():
+            continue
+        codes = {int(task.part_of_block[b]) for b in touched_blocks(task, origin)} - {-1}
+        touching[frozenset(codes)] += 1
+        if len(codes) == 1:
+            kept.setdefault(codes.pop(), set()).add(origin)
+    dropped = sum(n for codes, n in touching.items() if len(codes) > 1)
+    return kept, dropped, touching
+
+
+@pytest.mark.parametrize("which", ["task", "deep", "buffered"])
+def test_windows_lie_in_the_blocks_of_one_part(which, tiny, request):
+    """Every window a part delivers touches blocks of that part and of no part only (not of
+    another part, nor a block a buffer left out); the windows kept and dropped are those a
+    window-by-window count on the cube's arrays keeps and drops."""
+    prepared = request.getfixturevalue(which)
+    parts = prepared.spec.parts
+    for code, part in enumerate(parts):
+        origins = prepared.windows.origins[part]
+        assert len(origins) == prepared.samples[part] > 0
+        for origin in origins:
+            touched = {int(prepared.part_of_block[b]) for b in touched_blocks(prepared, origin)}
+            assert touched - {-1} == {code}
+    kept, dropped, touching = windows_by_hand(prepared, tiny)
+    for code, part in enumerate(parts):
+        assert set(map(tuple, prepared.windows.origins[part].tolist())) == kept[code]
+    assert prepared.windows.dropped_across_parts == dropped
+    every = [tuple(o) for origins in prepared.windows.origins.values() for o in origins]
+    assert len(every) == len(set(every))  # no window in two parts
+    if which == "task":  # blocks of 64 pixels from index 0 hold whole 16 x 16 windows
+        assert dropped == 0
+    else:  # 3 steps deep, windows cross time blocks: some had to go
+        assert dropped > 0
+    if which == "buffered":  # windows reaching from a part into a buffered step are dropped
+        assert BUFFER in prepared.part_of_block
+        assert any(BUFFER in codes and len(codes) == 2 for codes in touching)
 
 
 def reference_window(task, cube_values, origin):
@@ -144,10 +200,71 @@ class CountingReader:
         return self.inner.stored_nbytes(var, chunk)
 
 
+def chunk_edges(task) -> list[np.ndarray]:
+    return [np.concatenate([[0], np.cumsum(c)]) for c in task.cube[task.spec.target].chunks]
+
+
+def chunk_size(task, chunk) -> int:
+    return int(np.prod([e[i + 1] - e[i] for e, i in zip(chunk_edges(task), chunk)]))
+
+
+def covered_chunks(task, part: str) -> set[tuple[int, int, int]]:
+    """The chunks the part's windows cover (a window's pixels against the chunk edges)."""
+    out = set()
+    for origin in task.windows.origins[part]:
+        ranges = [
+            range(
+                int(np.searchsorted(e, o, "right") - 1), int(np.searchsorted(e, o + n - 1, "right"))
+            )
+            for e, o, n in zip(chunk_edges(task), origin, task.spec.patch.size)
+        ]
+        out.update(itertools.product(*ranges))
+    return out
+
+
+def block_codes(task, chunk) -> set[int]:
+    """The parts (`part_of_block`) of the blocks a chunk's pixels lie in."""
+    window = [slice(int(e[i]), int(e[i + 1])) for e, i in zip(chunk_edges(task), chunk)]
+    runs = [np.unique(task.grid.index(a)[w]) for a, w in enumerate(window)]
+    return {int(c) for c in np.unique(task.part_of_block[np.ix_(*runs)])}
+
+
+def needed_cells(task, part: str, chunks) -> float:
+    """What the part needs of `chunks`, on numpy masks: of each, its cells in the part's
+    selection times the part's share of its cells in any part's blocks and selection (a chunk
+    of the part's blocks whole, a shared chunk in proportion; a chunk of no part's: none)."""
+    runs = [np.repeat(np.arange(len(e) - 1), np.diff(e)) for e in task.grid.edges]
+
+    def selected(p):
+        sel = task.selections[p]
+        return sel.time[:, None, None] & sel.lat[None, :, None] & sel.lon[None, None, :]
+
+    cells = {
+        p: (task.part_of_block == c)[np.ix_(*runs)] & selected(p)
+        for c, p in enumerate(task.spec.parts)
+    }
+    mine, edges = selected(part), chunk_edges(task)
+    needed = 0.0
+    for chunk in chunks:
+        window = tuple(slice(int(e[i]), int(e[i + 1])) for e, i in zip(edges, chunk))
+        everyone = sum(int(c[window].sum()) for c in cells.values())
+        if everyone:
+            needed += int(mine[window].sum()) * int(cells[part][window].sum()) / everyone
+    return needed
+
+
+def amplification(decoded: int, needed: float, roundings: int = 1):
+    """decoded / needed cells, for `==`: the loader rounds the bytes a part needs (8 a cell:
+    float32 input and target) to whole bytes, once per stream and epoch."""
+    return pytest.approx(decoded / needed, rel=roundings / (needed * 4 * 2))
+
+
 @pytest.mark.parametrize("buffer_chunks", [1, 8])
 def test_each_chunk_is_decoded_once_per_epoch_and_each_window_delivered_once(
     task, tiny, buffer_chunks
 ):
+    """Each chunk the train windows cover is read once an epoch, no other; on the physical
+    grid the chunks are shared with val and test, so train needs only its share of them."""
     edges = [np.concatenate([[0], np.cumsum(c)]) for c in tiny[task.spec.target].chunks]
     reader = CountingReader(open_reader(task.cube), edges)
     stream = PatchStream(task, "train", 16, reader=reader, buffer_chunks=buffer_chunks)
@@ -155,13 +272,39 @@ def test_each_chunk_is_decoded_once_per_epoch_and_each_window_delivered_once(
     reference = window_keys(plain, 0)
     for epoch in range(2):
         assert window_keys(stream, epoch) == reference  # every window once, whatever the order
+    chunks = covered_chunks(task, "train")
+    assert stream.chunks == sorted(chunks)
     variables = (*task.spec.inputs, task.spec.target)
-    assert set(reader.reads) == {(v, c) for v in variables for c in stream.chunks}
+    assert set(reader.reads) == {(v, c) for v in variables for c in chunks}
     assert set(reader.reads.values()) == {2}  # two epochs: each chunk twice, never more
     stats = stream.stats
-    assert stats.chunks_decoded == 2 * len(stream.chunks)
-    assert stats.read_amplification == 1.0
+    assert stats.chunks_decoded == 2 * len(chunks)
+    decoded = sum(chunk_size(task, c) for c in chunks)
+    needed = needed_cells(task, "train", chunks)
+    assert stats.bytes_decoded == 2 * decoded * 4 * 2
+    assert stats.bytes_needed == pytest.approx(2 * needed * 4 * 2, abs=2)
+    assert stats.read_amplification == amplification(decoded, needed, roundings=2)
+    assert stats.read_amplification > 1
     assert stats.samples == 2 * task.samples["train"]
+
+
+def test_on_a_chunks_split_each_chunk_is_decoded_once_per_epoch_across_parts(aligned, task):
+    """Blocks of whole chunks: the windows of a part cover only chunks of its blocks, so one
+    epoch of every part reads each chunk once at most, and every decoded byte is needed. On
+    the physical grid (blocks of 64 pixels) the parts read some chunks each."""
+    reader = CountingReader(open_reader(aligned.cube), chunk_edges(aligned))
+    for part in aligned.spec.parts:
+        stream = PatchStream(aligned, part, 16, reader=reader)
+        for _ in stream.batches(0):
+            pass
+        assert set(stream.chunks) == covered_chunks(aligned, part)
+        for chunk in stream.chunks:  # in the part's blocks, or in blocks of no part
+            assert block_codes(aligned, chunk) <= {aligned.spec.parts.index(part), -1}
+        assert stream.stats.bytes_needed == stream.stats.bytes_decoded > 0
+        assert stream.stats.read_amplification == 1.0
+    assert set(reader.reads.values()) == {1}
+    readers = Counter(c for p in task.spec.parts for c in covered_chunks(task, p))
+    assert max(readers.values()) > 1
 
 
 def test_shuffled_epochs_differ_and_repeat_with_the_seed(task):
@@ -187,10 +330,8 @@ def test_shards_cover_every_window_once(task):
 @pytest.fixture(scope="module")
 def deep(tiny):
     """Windows 3 steps deep every step (overlapping), crossing time chunks too: blocks of
-    2 x 2 x 2 chunks, a single strip."""
-    spec = replace(
-        get_task("lst-gapfill"), patch=Patch((3, 8, 8), (1, 4, 4)), block_chunks=(2, 2, 2)
-    )
+    2 x 2 x 2 chunks (`chunks:2,2,2`), a single strip."""
+    spec = replace(get_task("lst-gapfill"), patch=Patch((3, 8, 8), (1, 4, 4)), split="chunks:2,2,2")
     return prepare_task(spec, tiny)
 
 
@@ -383,25 +524,26 @@ def test_bad_patches_are_refused(patch, message):
 def test_a_window_larger_than_the_cube_or_a_region_split_is_refused(tiny):
     with pytest.raises(TaskError, match="larger than the cube"):
         prepare_task(replace(get_task("lst-gapfill"), patch=Patch((1, 64, 64))), tiny)
-    with pytest.raises(TaskError, match="blocks"):
+    with pytest.raises(TaskError, match=r"the patch geometry has no region \(transfer\) split"):
         replace(get_task("lst-from-t2m-transfer"), patch=Patch())
+    # windows go on any other grid: physical blocks, time periods, whole chunks
+    for split in ("blocks:46d,64px", "time", "chunks:1,2,2"):
+        assert replace(get_task("lst-gapfill"), split=split).split == Split.parse(split)
 
 
-def test_bench_loader_measures_windows(tiny):
+@pytest.mark.parametrize(
+    ("task_name", "split"), [("lst-gapfill", None), ("lst-from-t2m", "chunks")]
+)
+def test_bench_loader_measures_windows(tiny, task_name, split):
+    """8 x 8 windows of the train part: on the gap-filling task's blocks of 64 pixels the
+    chunks are shared between the parts (train needs its share of them); on the pixel task's
+    `chunks` split the blocks are whole chunks (12 x 12 x 23) and every decoded byte is
+    needed."""
+    command = ["bench-loader", "--cube", "synthetic:tiny", "--task", task_name]
+    command += ["--geometry", "patch", "--patch", "1,8,8", "--json"]
+    command += ["--split", split] if split else []
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cubebench",
-            "bench-loader",
-            "--cube",
-            "synthetic:tiny",
-            "--geometry",
-            "patch",
-            "--patch",
-            "1,8,8",
-            "--json",
-        ],
+        [sys.executable, "-m", "cubebench", *command],
         capture_output=True,
         text=True,
         timeout=300,
@@ -409,8 +551,18 @@ def test_bench_loader_measures_windows(tiny):
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout)
     assert row["geometry"] == "patch" and row["patch"] == [1, 8, 8]
-    assert row["windows"] == row["expected_windows"] > 0
-    assert row["read_amplification"] == 1.0
+    spec = replace(get_task(task_name, split=split), patch=Patch((1, 8, 8)))
+    prepared = prepare_task(spec, tiny)
+    assert row["windows"] == row["expected_windows"] == prepared.samples["train"] > 0
+    chunks = covered_chunks(prepared, "train")
+    assert row["chunks_decoded"] == len(chunks)
+    if split == "chunks":
+        assert row["read_amplification"] == 1.0
+    else:
+        decoded = sum(chunk_size(prepared, c) for c in chunks)
+        needed = needed_cells(prepared, "train", chunks)
+        assert row["read_amplification"] == amplification(decoded, needed)
+        assert row["read_amplification"] > 1
     assert row["ratio_to_raw"] > 0 and row["windows_per_s"] > 0
 
 
@@ -459,22 +611,29 @@ def test_a_window_shard_short_of_windows_steps_with_empty_batches(task):
     assert empties > 0
 
 
-def test_read_amplification_of_windows_counts_the_cells_outside_the_region(tiny):
+@pytest.mark.parametrize("split", ["chunks:1,2,2", None])
+def test_read_amplification_of_windows_counts_the_cells_outside_the_region(tiny, split):
     """A region's border inside chunks: the decoded chunks' cells outside the region count
-    as read for nothing. The ratio equals a count on numpy masks."""
+    as read for nothing. On blocks of whole chunks that is the only cost (the part needs its
+    chunks' cells in the region); on the physical grid the parts also share chunks. The
+    ratio equals a count on numpy masks."""
     from cubebench.task import Box
 
-    spec = replace(get_task("lst-gapfill"), region=Box(-40.0, 80.0, -120.0, 160.0))
+    spec = replace(get_task("lst-gapfill", split=split), region=Box(-40.0, 80.0, -120.0, 160.0))
     task = prepare_task(spec, tiny)
     stream = PatchStream(task, "train", 16)
     for _ in stream.batches(0):
         pass
     sel = task.selections["train"]
     selected = sel.time[:, None, None] & sel.lat[None, :, None] & sel.lon[None, None, :]
-    decoded = needed = 0
-    for chunk in stream.chunks:  # every chunk the windows need
-        window = stream.chunk_slices(chunk)
-        decoded += selected[window].size
-        needed += int(selected[window].sum())
-    assert stream.stats.chunks_decoded == len(stream.chunks)
-    assert stream.stats.read_amplification == decoded / needed > 1
+    chunks = covered_chunks(task, "train")  # every chunk the windows need
+    assert stream.chunks == sorted(chunks)
+    assert stream.stats.chunks_decoded == len(chunks)
+    decoded = sum(chunk_size(task, c) for c in chunks)
+    needed = needed_cells(task, "train", chunks)
+    if split:
+        edges = chunk_edges(task)
+        windows = [tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, c)) for c in chunks]
+        assert needed == sum(int(selected[w].sum()) for w in windows)
+    assert decoded / needed > 1
+    assert stream.stats.read_amplification == amplification(decoded, needed)

@@ -106,8 +106,17 @@ class PatchStream(StreamBase):
         keys = [tuple(int(v) for v in first[i]) for i in order]
         for chunk, members in itertools.groupby(zip(keys, order), key=lambda p: p[0]):
             windows = np.array([i for _, i in members], np.int64)
-            reach = last[windows].max(axis=0)
-            needs = tuple(itertools.product(*(range(c, r + 1) for c, r in zip(chunk, reach))))
+            # the chunks some window covers, not the box they span: a corner chunk no window
+            # reaches (another part's, on a chunks split) is not decoded for nothing
+            spans = np.unique(np.column_stack([first[windows], last[windows]]), axis=0)
+            covered = {
+                c
+                for lo_hi in spans
+                for c in itertools.product(
+                    *(range(lo, hi + 1) for lo, hi in zip(lo_hi[:3], lo_hi[3:]))
+                )
+            }
+            needs = tuple(sorted(tuple(int(v) for v in c) for c in covered))
             units.append(Unit(chunk, windows, needs))  # type: ignore[arg-type]
         strips: dict[tuple, list[int]] = {}
         for k, unit in enumerate(units):
