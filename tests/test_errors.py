@@ -365,15 +365,17 @@ def test_make_cube_force_over_a_file(tmp_path):
 
 
 def test_run_stops_before_any_case_when_a_split_part_would_be_empty(tmp_path, tiny_cached):
-    """One chunk holds the whole cube: no train/val/test split. `run` says so once, before
-    any case starts, and leaves no run behind."""
+    """One chunk holds the whole cube: whole-chunk blocks give no train/val/test split. `run`
+    says so once, before any case starts, and leaves no run behind."""
     cube = tmp_path / "one-chunk.zarr"
     made = run_cubebench(
         "make-cube", "--preset", "tiny", "--chunks", "46,45,90", "--output", str(cube)
     )
     assert made.returncode == 0, made.stderr
     out = tmp_path / "results"
-    proc = run_cubebench("run", "--cube", str(cube), "--out", str(out), "--no-tracking")
+    proc = run_cubebench(
+        "run", "--cube", str(cube), "--split", "chunks", "--out", str(out), "--no-tracking"
+    )
     assert_user_error(proc, "task lst-from-t2m", "too few")
     assert not out.exists() or not any(out.iterdir())
 

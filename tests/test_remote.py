@@ -213,8 +213,10 @@ def test_bench_loader_over_s3_counts_what_it_counts_locally(s3, remote_zarr, tin
     local = bench_loader(tiny_task, **settings)
     assert remote["reader"] == remote["raw_reader"] == "zarr"
     assert remote["cube"] == f"s3://{BUCKET}/tiny.zarr"
-    for key in ("pairs", "expected_pairs", "chunks_decoded", "bytes_read", "bytes_decoded"):
+    keys = ("pairs", "expected_pairs", "chunks_decoded", "bytes_read", "bytes_decoded")
+    for key in (*keys, "read_amplification"):
         assert remote[key] == local[key], key
     assert remote["pairs"] == tiny_task.samples["val"] > 0
-    assert remote["bytes_read"] > 0 and remote["read_amplification"] == 1.0
+    # val shares its chunks with train and test on the default (physical) split
+    assert remote["bytes_read"] > 0 and remote["read_amplification"] > 1
     assert remote["pairs_per_s"] > 0
