@@ -113,7 +113,7 @@ def test_permission_denied(tmp_path):
         base.chmod(0o755)
         cube = good_cube(base / "locked.zarr")
         env = dict(os.environ)
-        prefix = None
+        prefix: tuple[str, ...] = ()  # not root: this user is the one refused
         if as_root:
             # root reads anything: run the CLI as an unprivileged user instead
             cache = base / "cache"
