@@ -1,7 +1,8 @@
-"""A chunk-aligned, shuffled batch stream over one part of a prepared task.
+"""A shuffled batch stream over one part of a prepared task, read chunk by chunk.
 
-Each epoch reads every chunk of the part once, decodes several chunks concurrently in threads
-(the codecs release the GIL), masks invalid pixels and normalises *inside the worker thread*
+Each epoch reads every chunk holding cells of the part once, decodes several chunks concurrently
+in threads (the codecs release the GIL), masks invalid pixels and other parts' cells (a chunk
+the split shares between parts) and normalises *inside the worker thread*
 (where the chunk is still in cache), shuffles through a buffer of K chunks with a per-epoch
 seed, and emits contiguous float32 batches. There is no per-sample Python.
 """
