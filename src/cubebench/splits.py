@@ -26,6 +26,7 @@ way to val and test, val to test, the test part stays whole.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import re
@@ -187,9 +188,13 @@ class Grid:
         return math.prod(self.shape)
 
     def index(self, axis: int) -> np.ndarray:
-        """The block (run) of every index along `axis`."""
-        e = self.edges[axis]
-        return np.repeat(np.arange(len(e) - 1), np.diff(e))
+        """The block (run) of every index along `axis` (computed once: every chunk decode
+        masks with it)."""
+        return self._indices[axis]
+
+    @functools.cached_property
+    def _indices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(np.repeat(np.arange(len(e) - 1), np.diff(e)) for e in self.edges)  # type: ignore[return-value]
 
     def block_shape(self) -> tuple[int, int, int]:
         """The longest run per axis: a block's nominal size in pixels."""

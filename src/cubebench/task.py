@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import numbers
@@ -280,9 +281,6 @@ class Selection:
     lat: np.ndarray
     lon: np.ndarray
 
-    def any_in(self, ts: slice, ys: slice, xs: slice) -> bool:
-        return bool(self.time[ts].any() and self.lat[ys].any() and self.lon[xs].any())
-
 
 @dataclass(frozen=True)
 class CoordArrays:
@@ -298,23 +296,6 @@ def season_of(time: xr.DataArray) -> np.ndarray:
     doy = time.dt.dayofyear.values.astype(np.float64)
     days = time.dt.days_in_year.values.astype(np.float64)
     return 2.0 * np.pi * (doy - 1.0) / days
-
-
-def block_samples(
-    inputs: Sequence[np.ndarray],
-    target: np.ndarray,
-    coords: CoordArrays,
-    selection: Selection,
-    coord_features: Sequence[str],
-    origin: tuple[int, int, int],
-) -> tuple[np.ndarray, np.ndarray]:
-    """(X, y) of every valid pixel of one block, in C order; float64, physical units.
-
-    `origin` is the block's first (time, lat, lon) index. A pixel is valid when it lies in the
-    selection and every input and the target are finite.
-    """
-    valid = valid_mask(inputs, target, selection, origin)
-    return _samples_of(valid, inputs, target, coords, coord_features, origin)
 
 
 def valid_mask(
@@ -373,24 +354,6 @@ class Moments:
     n: int
     mean: np.ndarray
     m2: np.ndarray
-
-    @classmethod
-    def of(cls, values: np.ndarray) -> Moments:
-        if len(values) == 0:
-            return cls(0, np.zeros(values.shape[1]), np.zeros(values.shape[1]))
-        mean = values.mean(axis=0)
-        return cls(len(values), mean, ((values - mean) ** 2).sum(axis=0))
-
-    def __add__(self, other: Moments) -> Moments:
-        if other.n == 0:
-            return self
-        if self.n == 0:
-            return other
-        n = self.n + other.n
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.n / n)
-        m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / n)
-        return Moments(n, mean, m2)
 
     @property
     def std(self) -> np.ndarray:
@@ -507,7 +470,7 @@ class PreparedTask:
     def block_shape(self) -> tuple[int, int, int]:
         return self.grid.block_shape()
 
-    @property
+    @functools.cached_property
     def chunk_edges(self) -> list[np.ndarray]:
         return [np.concatenate([[0], np.cumsum(c)]) for c in self.cube[self.spec.target].chunks]
 
