@@ -138,7 +138,7 @@ class StreamBase:
         spec = task.spec
         self.variables = (*spec.inputs, spec.target)
         target = task.cube[spec.target]
-        self.chunk_edges = [np.concatenate([[0], np.cumsum(c)]) for c in target.chunks]
+        self.chunk_edges = task.chunk_edges
         self.itemsize = target.dtype.itemsize
         self.stats = LoadStats()
         self.plan()
@@ -151,9 +151,7 @@ class StreamBase:
         raise NotImplementedError
 
     def chunk_slices(self, chunk: ChunkIndex) -> tuple[slice, slice, slice]:
-        return tuple(  # type: ignore[return-value]
-            slice(int(e[i]), int(e[i + 1])) for e, i in zip(self.chunk_edges, chunk)
-        )
+        return self.task.chunk_slices(chunk)
 
     def shard(self, index: int, count: int) -> Self:
         """Restrict to shard `index` of `count` (set in each DataLoader worker / DDP rank).
