@@ -96,7 +96,15 @@ def test_listing_the_cases_loads_no_framework():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-@pytest.mark.parametrize("name", NAMES)
+# the window cases (U-Nets, neighbourhood trees) train on patches: tens of seconds each, so
+# they run in the full tier; the pixel cases keep every framework's loop in the fast tier
+END_TO_END = [
+    pytest.param(name, marks=pytest.mark.slow) if get_task(cls.task).patch else name
+    for name, (_, cls) in CASES.items()
+]
+
+
+@pytest.mark.parametrize("name", END_TO_END)
 def test_case_end_to_end(name, tasks):
     cls = CASES[name][1]
     task = tasks[cls.task]

@@ -231,7 +231,7 @@ def test_materialize_is_a_seeded_subsample(tiny_task):
     assert len(xa) == tiny_task.samples["train"]
 
 
-@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("workers", [0, 1, pytest.param(2, marks=pytest.mark.slow)])
 def test_torch_workers_deliver_every_sample_once(tiny_task, workers):
     from cubebench.loading.torch import loader
 
@@ -276,7 +276,12 @@ def test_mix_interleaves_parts_in_proportion():
 
 @pytest.mark.parametrize(
     ("adapter", "split"),
-    [("numpy", None), ("torch", None), ("tf", None), ("numpy", "chunks")],
+    [
+        ("numpy", None),
+        pytest.param("torch", None, marks=pytest.mark.slow),
+        pytest.param("tf", None, marks=pytest.mark.slow),
+        ("numpy", "chunks"),
+    ],
     ids=["numpy", "torch", "tf", "numpy-chunks"],
 )
 def test_bench_loader_cli_reports_costs(adapter, split, request):
@@ -438,7 +443,9 @@ def _whole_cube(layout: str, split: str | None = None):
     return prepare_task(get_task("lst-from-t2m", split=split), cube)
 
 
-@pytest.mark.parametrize("layout", ["balanced", "map", "5,7,11"])
+@pytest.mark.parametrize(
+    "layout", ["balanced", "map", pytest.param("5,7,11", marks=pytest.mark.slow)]
+)
 def test_read_amplification_is_one_over_the_whole_cube(layout):
     """A `chunks` split over the whole cube decodes nothing a part does not need: exactly 1
     on any layout. The physical split shares chunks between the parts: each part needs its

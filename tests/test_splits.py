@@ -149,7 +149,10 @@ def test_split_text_round_trips(text):
 # --- 1. the same parts on every layout ------------------------------------------------------
 
 
-@pytest.mark.parametrize("split", INVARIANT_SPLITS)
+@pytest.mark.parametrize(
+    "split",
+    [s if s == "blocks" else pytest.param(s, marks=pytest.mark.slow) for s in INVARIANT_SPLITS],
+)
 def test_test_set_and_noise_floor_do_not_depend_on_the_layout(prepared, split):
     """map, ts and balanced (and Zarr v2 against v3) chunk tiny differently, yet give the same
     blocks per part, the same test samples (as a multiset) and the same realised noise floor."""

@@ -50,7 +50,10 @@ def test_same_seed_gives_identical_arrays_and_other_seed_differs(tmp_path, tiny)
         assert not np.array_equal(_bits(other[name]), _bits(tiny[name]), equal_nan=True)
 
 
-@pytest.mark.parametrize(("layout", "fmt"), [("map", 3), ("ts", 2), ("balanced", 2), ("5,7,11", 3)])
+@pytest.mark.parametrize(
+    ("layout", "fmt"),
+    [("map", 3), ("ts", 2), ("balanced", 2), pytest.param("5,7,11", 3, marks=pytest.mark.slow)],
+)
 def test_values_do_not_depend_on_layout_or_format(tmp_path, tiny, layout, fmt):
     path = make_cube("tiny", layout=layout, zarr_format=fmt, output=tmp_path / "c.zarr")
     cube = open_cube(str(path))

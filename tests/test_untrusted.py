@@ -193,6 +193,7 @@ def plant(directory: Path, marker: Path, names: list[str]) -> None:
 PLANTED = ["report.py", "sitecustomize.py", "usercustomize.py", "torch_mlp.py", "mean.py"]
 
 
+@pytest.mark.slow
 def test_report_and_sync_run_nothing_from_the_results_dir(tmp_path):
     marker = tmp_path / "ran"
     results = tmp_path / "results"
@@ -248,6 +249,7 @@ def test_list_imports_only_the_cases_directory(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_run_imports_no_case_from_cube_results_or_cwd(tmp_path):
     marker = tmp_path / "ran"
     cases = tmp_path / "cases"
