@@ -105,7 +105,7 @@ def _collect(batches) -> tuple[np.ndarray, np.ndarray, list[int]]:
     return np.concatenate(xs), np.concatenate(ys), sizes
 
 
-@pytest.mark.parametrize("reader", ["tensorstore", "zarr", "xarray"])
+@pytest.mark.parametrize("reader", ["direct", "tensorstore", "zarr", "xarray"])
 @pytest.mark.parametrize("part", PARTS)
 def test_every_valid_sample_exactly_once(tiny_task, part, reader):
     stream = ChunkStream(tiny_task, part, batch_size=1000, reader=reader, buffer_chunks=3)
@@ -117,8 +117,37 @@ def test_every_valid_sample_exactly_once(tiny_task, part, reader):
 
 
 def test_readers_are_offered_fastest_first(tiny_task):
-    assert available_readers(tiny_task.cube)[0] == "tensorstore"
+    assert available_readers(tiny_task.cube)[:2] == ["direct", "tensorstore"]
     assert available_readers(tiny_task.cube)[-1] == "xarray"
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+@pytest.mark.parametrize("layout", ["balanced", "5,7,11"])
+def test_direct_reader_equals_zarr_on_any_window(tmp_path, fmt, layout):
+    """Whole chunks, edge chunks (stored whole, cut to the array) and windows across chunks
+    give zarr-python's values; an unwritten chunk gives the fill value."""
+    import zarr
+
+    from cubebench.cube import make_cube, open_cube
+    from cubebench.loading.readers import open_reader
+
+    path = make_cube("tiny", layout=layout, zarr_format=fmt, output=tmp_path / "c.zarr")
+    cube = open_cube(str(path))
+    direct, reference = open_reader(cube, "direct"), open_reader(cube, "zarr")
+    var = "land_surface_temperature"
+    chunks = zarr.open_array(str(path), path=var, mode="r").chunks
+    shape = cube[var].shape
+    windows = [
+        tuple(slice(0, c) for c in chunks),
+        tuple(slice((n - 1) // c * c, n) for n, c in zip(shape, chunks)),  # the edge chunk
+        (slice(1, shape[0] - 1), slice(3, shape[1] // 2 + 5), slice(0, shape[2])),
+    ]
+    for window in windows:
+        np.testing.assert_array_equal(direct.read(var, window), reference.read(var, window))
+    key = "/".join(["c", "0", "0", "0"]) if fmt == 3 else "0.0.0"
+    (path / var / key).unlink()
+    fresh = open_reader(open_cube(str(path)), "direct")
+    assert np.isnan(fresh.read(var, windows[0])).all()
 
 
 def test_drop_last_drops_only_the_partial_batch(tiny_task):
@@ -290,6 +319,7 @@ def test_bench_loader_cli_reports_costs(adapter, split, request):
     tiny's chunks between the parts, so train needs only its share of them."""
     task = request.getfixturevalue("chunks_task" if split else "tiny_task")
     command = ["bench-loader", "--cube", "synthetic:tiny", "--adapter", adapter, "--json"]
+    command += ["--epochs", "2", "--max-seconds", "0"]  # exactly two measured pairs
     command += ["--split", split] if split else []
     proc = subprocess.run(
         [sys.executable, "-m", "cubebench", *command],
@@ -300,11 +330,15 @@ def test_bench_loader_cli_reports_costs(adapter, split, request):
     )
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)
-    assert row["pairs"] == row["expected_pairs"] == task.samples["train"]
-    for key in ("pairs_per_s", "raw_decode_pairs_per_s", "ratio_to_raw", "peak_rss_mb"):
+    assert row["epochs"] == 2
+    assert row["pairs"] == row["expected_pairs"] == 2 * task.samples["train"]
+    for key in ("pairs_per_s", "raw_decode_pairs_per_s", "raw_extract_pairs_per_s", "peak_rss_mb"):
         assert row[key] > 0
+    low, high = row["ratio_to_raw_ci95"]
+    assert 0 < low <= row["ratio_to_raw"] <= high
     assert row["raw_reader"] in row["raw_by_reader"]
-    _, decoded, needed = _costs(task, "train")
+    chunks, decoded, needed = _costs(task, "train")
+    assert row["chunks_decoded"] == 2 * len(chunks)  # the measured epochs only
     if split == "chunks":
         assert decoded == needed and row["read_amplification"] == 1.0
     else:

@@ -540,7 +540,8 @@ def test_bench_loader_measures_windows(tiny, task_name, split):
     `chunks` split the blocks are whole chunks (12 x 12 x 23) and every decoded byte is
     needed."""
     command = ["bench-loader", "--cube", "synthetic:tiny", "--task", task_name]
-    command += ["--geometry", "patch", "--patch", "1,8,8", "--json"]
+    command += ["--geometry", "patch", "--patch", "1,8,8", "--epochs", "1", "--max-seconds", "0"]
+    command += ["--json"]
     command += ["--split", split] if split else []
     out = subprocess.run(
         [sys.executable, "-m", "cubebench", *command],

@@ -208,7 +208,7 @@ def test_bench_loader_over_s3_counts_what_it_counts_locally(s3, remote_zarr, tin
     from cubebench.loading.bench import bench_loader
 
     task = prepare_task(get_task("lst-from-t2m"), remote_zarr)  # chunks in memory: no reads
-    settings = {"part": "val", "batch_size": 1000, "threads": 2}
+    settings = {"part": "val", "batch_size": 1000, "threads": 2, "epochs": 1, "max_seconds": 0}
     remote = bench_loader(task, storage_options=s3["options"], **settings)  # reads over S3
     local = bench_loader(tiny_task, **settings)
     assert remote["reader"] == remote["raw_reader"] == "zarr"

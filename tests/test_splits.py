@@ -332,7 +332,17 @@ def test_bench_loader_cli_takes_the_split(prepared, tiny):
 
     task = prepared("time", "ts")
     proc = run_cubebench(
-        "bench-loader", "--cube", CUBES["ts"], "--split", "time", "--json", timeout=600
+        "bench-loader",
+        "--cube",
+        CUBES["ts"],
+        "--split",
+        "time",
+        "--epochs",
+        "1",
+        "--max-seconds",
+        "0",
+        "--json",
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)

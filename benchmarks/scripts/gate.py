@@ -29,7 +29,7 @@ from pathlib import Path
 
 EXACT = {"track_chunks_decoded", "track_bytes_read", "track_read_amplification"}
 ACCURACY = {"track_test_rmse", "track_rmse_over_noise_floor"}
-HIGHER_IS_BETTER = {"track_ratio_to_raw", "track_train_samples_per_s"}
+HIGHER_IS_BETTER = {"track_ratio_to_raw", "track_train_samples_per_s", "track_sustained_rate_at_90"}
 MACHINE = "cubebench-gate"
 
 

@@ -172,10 +172,20 @@ class Context:
         """A seeded in-memory subsample (normalised), for in-memory models."""
         return materialize(self.task, part, max_samples, seed=self.seed, threads=self.threads)
 
-    def timed_batches(self, stream: Stream, epoch: int) -> Iterator[tuple]:
+    def timed_batches(
+        self,
+        stream: Stream,
+        epoch: int,
+        prepare: Callable[[Iterator[tuple]], Iterator] | None = None,
+    ) -> Iterator:
         """The epoch's batches, timing the loop over them: its wall time and steps (for the
-        stall estimate) and the time it waits inside `next(batch)` (measured directly)."""
+        stall estimate) and the time it waits inside `next(batch)` (measured directly).
+
+        `prepare` wraps the stream's batches before they are timed (torch: onto the device,
+        prefetched), so that the wait measured is the wait for a batch the step can use."""
         batches = stream.batches(epoch)
+        if prepare is not None:
+            batches = prepare(batches)
         loop = self.loop
         loop.wait_observable = True
         started = time.perf_counter()
@@ -192,6 +202,9 @@ class Context:
                 yield batch
         finally:
             loop.seconds += time.perf_counter() - started - probed
+            close = getattr(batches, "close", None)
+            if close is not None:  # a loop that stopped early: its pending decodes cancelled now
+                close()
 
     def log_epoch(
         self,

@@ -36,6 +36,37 @@ def _storage_options(pairs: list[str]) -> dict | None:
     return options
 
 
+def _positive_list(kind):
+    """An argparse type: comma-separated numbers of `kind` above zero."""
+    one = _positive(kind)
+
+    def parse(text: str) -> list:
+        return [one(part) for part in text.split(",")]
+
+    parse.__name__ = f"list of positive {kind.__name__}"
+    return parse
+
+
+def _non_negative(kind):
+    """An argparse type: a finite number of `kind`, zero or more."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not 0 <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+        return value
+
+    parse.__name__ = f"non-negative {kind.__name__}"
+    return parse
+
+
+def _rate_or_sweep(text: str) -> float | str:
+    return "sweep" if text == "sweep" else _positive(float)(text)
+
+
 def _positive(kind):
     """An argparse type: a number of `kind` greater than zero."""
 
@@ -193,7 +224,7 @@ def _cmd_bench_loader(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from cubebench.cube import open_cube
-    from cubebench.loading.bench import bench_loader
+    from cubebench.loading.bench import bench_loader, emulate, sweep
     from cubebench.task import get_task, prepare_task, with_split
     from cubebench.windows import Patch
 
@@ -209,23 +240,53 @@ def _cmd_bench_loader(args: argparse.Namespace) -> int:
     task = prepare_task(spec, cube)
     if args.part not in task.blocks:
         raise CubebenchError(f"unknown part {args.part!r}; parts: {', '.join(task.blocks)}")
-    row = bench_loader(
-        task,
-        part=args.part,
-        batch_size=args.batch_size or (4096 if spec.patch is None else 32),
-        adapter=args.adapter,
-        epochs=args.epochs,
-        threads=args.threads,
-        buffer_chunks=args.buffer_chunks,
-        workers=args.workers,
-        reader=args.reader,
-        storage_options=options,
-    )
-    if args.json:
-        print(json.dumps(row))
-    else:
-        _print_summary(row)
+    settings = {
+        "part": args.part,
+        "batch_size": args.batch_size or (4096 if spec.patch is None else 32),
+        "adapter": args.adapter,
+        "epochs": args.epochs,
+        "buffer_chunks": args.buffer_chunks,
+        "reader": args.reader,
+        "storage_options": options,
+    }
+    if args.emulate_rate is not None and args.adapter == "tf":
+        raise CubebenchError(
+            "--emulate-rate needs the numpy or torch adapter (tf consumes in a graph)"
+        )
+    if args.emulate_rate is not None and args.workers:
+        raise CubebenchError("--emulate-rate goes without --workers")
+    for threads in args.threads:
+        row = bench_loader(
+            task, threads=threads, workers=args.workers, max_seconds=args.max_seconds, **settings
+        )
+        if args.emulate_rate == "sweep":
+            found = sweep(task, threads=threads, **settings)
+            row |= {"sustained_rate_at_90": found["sustained_rate_at_90"], "sweep": found}
+        elif args.emulate_rate is not None:
+            row |= emulate(task, args.emulate_rate, threads=threads, **settings)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        elif len(args.threads) == 1:
+            _print_summary(row)
+        else:
+            _print_scaling_line(row)
     return 0
+
+
+def _print_scaling_line(row: dict) -> None:
+    """One line of `bench-loader --threads a,b,...`."""
+    items = "windows" if row["geometry"] == "patch" else "pairs"
+    low_high = row["ratio_to_raw_ci95"] or [float("nan")] * 2
+    line = (
+        f"threads {row['threads']:>3}  {items}/s {row[f'{items}_per_s']:>12,.0f}  "
+        f"reference {row[f'raw_decode_{items}_per_s']:>12,.0f}  ratio {row['ratio_to_raw']:.2f} "
+        f"[{low_high[0]:.2f}, {low_high[1]:.2f}]"
+    )
+    if "sustained_rate_at_90" in row:
+        line += f"  at 90% AU {row['sustained_rate_at_90'] or 0:,.0f}/s"
+    elif "accelerator_utilisation" in row:
+        line += f"  AU {row['accelerator_utilisation']:.2f} at {row['rate']:,.0f}/s"
+    print(line, flush=True)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -508,8 +569,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=_positive(int), help="default: 4096 pixels or 32 windows")
     p.add_argument("--adapter", choices=("numpy", "torch", "tf"), default="numpy")
-    p.add_argument("--epochs", type=_positive(int), default=1)
-    p.add_argument("--threads", type=_positive(int), default=2, help="decode threads")
+    p.add_argument(
+        "--epochs",
+        type=_positive(int),
+        default=2,
+        help="fewest measured (reference, loader) pairs after a warm-up pair (default 2)",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=_non_negative(float),
+        default=30.0,
+        help="add pairs until the ratio's 95%% interval is within ±10%% or this long "
+        "(default 30; 0: exactly --epochs)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_list(int),
+        default=[2],
+        metavar="N[,N...]",
+        help="decode threads; several: one line per count (default 2)",
+    )
+    p.add_argument(
+        "--emulate-rate",
+        type=_rate_or_sweep,
+        metavar="R|sweep",
+        help="feed an emulated accelerator of R samples/s (accelerator_utilisation), or find "
+        "the highest R kept at >= 90%% utilisation",
+    )
     p.add_argument(
         "--buffer-chunks", type=_positive(int), default=8, help="shuffle buffer, in chunks"
     )

@@ -504,11 +504,16 @@ class PreparedTask:
         """Which pixels of `window` lie in the part's blocks; None when all do (a chunk inside
         the part's blocks: nothing to mask)."""
         code = self.spec.parts.index(part)
-        runs = [self.grid.index(a)[w] for a, w in enumerate(window)]
-        seen = self.part_of_block[np.ix_(*(np.unique(r) for r in runs))]
-        if (seen == code).all():
+        # the blocks the window meets (a few), then expanded axis by axis: a 3-D fancy index
+        # over every pixel cost 6x more, as much as decoding the chunk
+        blocks = [
+            np.unique(self.grid.index(a)[w], return_inverse=True) for a, w in enumerate(window)
+        ]
+        inside = self.part_of_block[np.ix_(*(ids for ids, _ in blocks))] == code
+        if inside.all():
             return None
-        return self.part_of_block[np.ix_(*runs)] == code
+        (_, t), (_, y), (_, x) = blocks
+        return inside[t][:, y][:, :, x]
 
     def read_chunk(self, part: str, chunk: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(X, y) of the part's valid pixels in one chunk, physical units: the reference path

@@ -132,7 +132,7 @@ class StreamBase:
         self.reader = (
             reader
             if reader is not None and not isinstance(reader, str)
-            else open_reader(task.cube, reader, storage_options)
+            else open_reader(task.cube, reader, storage_options, threads)
         )
         self.shard_index, self.shard_count = 0, 1
         spec = task.spec
@@ -360,41 +360,54 @@ class ChunkStream(StreamBase):
         all K in proportion to their sizes (`mix`). Batches are then contiguous slices of
         the groups' sequence: a global random gather over the buffer would cost as much as
         decoding (it is bound by memory latency). Updates the chunk-side `stats`.
+
+        The mixing runs in the pool too, as a task queued behind its group's decodes (the
+        pool's queue is FIFO, so when it starts they have all started: it waits for no task
+        that has not), so the consumer only slices: with more threads the whole pipeline
+        scales, not only the decoding. Up to `ahead` groups are under way while the
+        consumer drains one, which bounds memory.
         """
         stats = self.stats
         chunks = self.epoch_chunks(epoch)
         stats.bytes_needed += self.needed_bytes(chunks)  # this shard's chunks, once
-        todo = iter(chunks)
-        # the next group decodes while the consumer drains this one
-        lookahead = 2 * self.buffer_chunks + self.threads
+        k = self.buffer_chunks
+        todo = iter([chunks[i : i + k] for i in range(0, len(chunks), k)])
+        ahead = max(2, -(-self.threads // k) + 1)
         with ThreadPoolExecutor(self.threads, thread_name_prefix="cubebench-decode") as pool:
-            pending: deque[Future[Decoded]] = deque()
+            pending: deque[tuple[list[Future[Decoded]], Future]] = deque()
 
             def top_up() -> None:
-                while len(pending) < lookahead:
-                    chunk = next(todo, None)
-                    if chunk is None:
+                while len(pending) < ahead:
+                    group = next(todo, None)
+                    if group is None:
                         return
-                    pending.append(pool.submit(self.decode, chunk, epoch))
+                    decodes = [pool.submit(self.decode, chunk, epoch) for chunk in group]
+                    pending.append((decodes, pool.submit(self._mixed, decodes)))
 
             top_up()
             try:
                 while pending:
-                    parts = []
-                    for _ in range(min(self.buffer_chunks, len(pending))):
-                        decoded = pending.popleft().result()
-                        top_up()
+                    decodes, mixed = pending.popleft()
+                    group = mixed.result()
+                    top_up()
+                    for future in decodes:
+                        decoded = future.result()
                         stats.chunks_decoded += 1
                         stats.bytes_read += decoded.bytes_read
                         stats.bytes_decoded += decoded.bytes_decoded
                         stats.decode_seconds += decoded.seconds
-                        parts.append((decoded.x, decoded.y))
-                    # a batch spans several stretches: it draws from all K chunks
-                    stretch = max(1, self.batch_size // 4)
-                    yield mix(parts, stretch) if self.shuffle else concatenate(parts)
-            finally:  # the consumer stopped early: skip decodes not yet started
-                for future in pending:
-                    future.cancel()
+                    yield group
+            finally:  # the consumer stopped early: skip tasks not yet started
+                for decodes, mixed in pending:
+                    for future in (*decodes, mixed):
+                        future.cancel()
+
+    def _mixed(self, decodes: list[Future[Decoded]]) -> tuple[np.ndarray, np.ndarray]:
+        """One group: its chunks' samples mixed (shuffling) or in order."""
+        parts = [(d.x, d.y) for d in (future.result() for future in decodes)]
+        # a batch spans several stretches: it draws from all K chunks
+        stretch = max(1, self.batch_size // 4)
+        return mix(parts, stretch) if self.shuffle else concatenate(parts)
 
     def batches(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """One epoch of `(X[B, F], y[B])` batches cut from the groups; updates `self.stats`.

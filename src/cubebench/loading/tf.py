@@ -5,6 +5,22 @@ mixed groups of K chunks through `numpy_function`; `rebatch` cuts them into batc
 Crossing from Python into tf.data has a fixed cost per element (`from_generator` costs about
 twice as much per element), so it is paid per group, not per batch. The batches equal
 `ChunkStream.batches` exactly: both cut the same sequence of groups.
+
+No device prefetch (torch's `to_device` has one). Keras 3 does not add one: its
+`TFEpochIterator.__init__` (keras/src/backend/tensorflow/trainer.py) hands the dataset to
+`strategy.experimental_distribute_dataset`, which under the default strategy (no strategy
+scope, as here: `cubebench.models.keras.on_device` is a `tf.device` scope) returns it
+unchanged (`_DefaultDistributionExtended._experimental_distribute_dataset`, tensorflow's
+distribute/distribute_lib.py): each batch crosses to the GPU inside the train function.
+`tf.data.experimental.prefetch_to_device` is not used because it must be the pipeline's
+last transformation and it drops the cardinality (`assert_cardinality(10)` then
+`prefetch_to_device` gives -2, unknown; TF 2.21), which `cubebench.models.keras.batches`
+declares after this pipeline so that Keras knows the epoch's length; a transformation after
+it brings the data back to the host (tensorflow/tensorflow#37277). It could not be tried on
+a GPU here either. The stall stays consistent: Keras' compute probe runs the same train
+function on host-resident batches, so the copy counts as compute in the loop and the probe
+alike. The route to a device prefetch is a `OneDeviceStrategy` scope (its distributed
+dataset prefetches to the device), a change of where the models are built.
 """
 
 from __future__ import annotations

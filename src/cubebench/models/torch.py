@@ -17,7 +17,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ from torch import nn
 from cubebench import ranks
 from cubebench.case import Context
 from cubebench.loading import Stream
+from cubebench.loading.torch import PREFETCH
+from cubebench.loading.torch import to_device as batches_to_device
 from cubebench.models import EpochLoss
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -219,6 +221,14 @@ class Trainer:
     and the schedule back as they were after a warm-up or a probe. Losses are accumulated on
     the device (no host sync per step): the MSE over the epoch's samples, or over the masked
     pixels of windows.
+
+    The loops hand `step` tensors already on the device (`cubebench.loading.torch.to_device`,
+    which prefetches them on CUDA), and the probe's resident batches are put there by the
+    same function, so the probe times the step without a host-to-device copy, as the loop
+    runs it. The copy is the data path's: overlapped on CUDA, and what it fails to hide (the
+    staging, a copy the GPU has to wait for) lands in the loop's time, hence in the stall.
+    A numpy batch is still accepted (copied here, synchronously) for callers outside the
+    loops.
     """
 
     def __init__(self, model: nn.Module, device: str, lr: float, decay_steps: int, alpha: float):
@@ -232,20 +242,24 @@ class Trainer:
         self.weight = torch.zeros((), dtype=torch.float64, device=self.device)
         self.samples = 0
 
-    def step(self, batch: tuple[np.ndarray, ...]) -> None:
-        x, y, *mask = batch
-        xt = torch.from_numpy(x).to(self.device, non_blocking=True)
-        yt = torch.from_numpy(y).to(self.device, non_blocking=True)
-        mt = torch.from_numpy(mask[0]).to(self.device, non_blocking=True) if mask else None
+    def step(self, batch: Sequence[torch.Tensor | np.ndarray]) -> None:
+        xt, yt, *mask = (torch.as_tensor(a, device=self.device) for a in batch)
+        mt = mask[0] if mask else None
         self.adam.zero_grad(set_to_none=True)
         loss = _loss(self.model, xt, yt, mt)
         loss.backward()
         self.adam.step()
         self.schedule.step()
-        weight = mt.sum(dtype=torch.float64) if mt is not None else float(len(y))
+        weight = mt.sum(dtype=torch.float64) if mt is not None else float(len(yt))
         self.total += loss.detach().double() * weight
         self.weight += weight
-        self.samples += len(y)
+        self.samples += len(yt)
+
+    def batches(
+        self, batches: Iterable[Sequence[np.ndarray]], prefetch: int = PREFETCH
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Numpy batches as tensors on the trainer's device, `prefetch` ahead on CUDA."""
+        return batches_to_device(batches, self.device, prefetch)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -274,16 +288,18 @@ class Trainer:
 
 
 def train_epoch(
-    trainer: Trainer, context: Context, stream: Stream, epoch: int
+    trainer: Trainer, context: Context, stream: Stream, epoch: int, prefetch: int = PREFETCH
 ) -> tuple[float, int]:
     """One epoch over the stream through `context.timed_batches` (which times the loop and the
-    wait for data). Returns (mean training MSE, samples) over all ranks; on windows the MSE of
-    the masked pixels and the samples are windows. Under DDP every rank takes the same number
-    of steps (the stream deals the samples so), or this fails: one schedule needs it."""
+    wait for data: here the wait for the next batch on the device, `prefetch` copied ahead on
+    CUDA). Returns (mean training MSE, samples) over all ranks; on windows the MSE of the
+    masked pixels and the samples are windows. Under DDP every rank takes the same number of
+    steps (the stream deals the samples so), or this fails: one schedule needs it."""
     trainer.model.train()
     trainer.reset()
     steps = 0
-    for batch in context.timed_batches(stream, epoch):
+    ready = context.timed_batches(stream, epoch, prepare=lambda b: trainer.batches(b, prefetch))
+    for batch in ready:
         trainer.step(batch)
         steps += 1
     taken = ranks.gather(steps)
@@ -305,23 +321,28 @@ def distribute(model: nn.Module, device: str) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, device: str | torch.device = "cpu") -> float:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Sequence[np.ndarray]],
+    device: str | torch.device = "cpu",
+    prefetch: int = PREFETCH,
+) -> float:
     """Mean squared error over (X, y) numpy batches (normalised units); over the masked
-    pixels of (x, y, mask) window batches. Under DDP, over every rank's batches."""
+    pixels of (x, y, mask) window batches. Under DDP, over every rank's batches. The batches
+    reach the device through `to_device` (`prefetch` ahead on CUDA), as in training."""
     device = torch.device(device)
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     n: int | torch.Tensor = 0
-    for x, y, *mask in batches:
-        xt = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device)
-        yt = torch.from_numpy(np.ascontiguousarray(y, np.float32)).to(device)
+    as_float = (tuple(np.ascontiguousarray(a, np.float32) for a in batch) for batch in batches)
+    for xt, yt, *mask in batches_to_device(as_float, device, prefetch):
         if mask:
-            mt = torch.from_numpy(np.ascontiguousarray(mask[0], np.float32)).to(device)
+            mt = mask[0]
             total += (mt * (model(xt) - yt) ** 2).sum(dtype=torch.float64)
             n = n + mt.sum(dtype=torch.float64)
         else:
             total += ((model(xt).squeeze(-1) - yt) ** 2).sum(dtype=torch.float64)
-            n += len(y)
+            n += len(yt)
     total_sum, n_sum = ranks.total(float(total), float(n))
     return total_sum / max(n_sum, 1.0)
 
@@ -386,8 +407,8 @@ def fit_stream(
         trainer = Trainer(
             distribute(model, context.device), context.device, lr, epochs * steps, alpha
         )
-    with context.phase("probe"):
-        resident = context.resident_batches(train)
+    with context.phase("probe"):  # on the device, as the loop's batches (`Trainer`)
+        resident = list(trainer.batches(context.resident_batches(train)))
     with context.phase("warmup"), trainer.preserved():
         trainer.model.train()
         trainer.step(resident[0])
@@ -439,7 +460,8 @@ def fit_arrays(
         trainer = Trainer(model, context.device, lr, decay, alpha)
     with context.phase("warmup"), trainer.preserved():
         model.train()
-        trainer.step((x[:batch_size], y[:batch_size]))
+        for batch in trainer.batches([(x[:batch_size], y[:batch_size])]):
+            trainer.step(batch)
     generator = torch.Generator().manual_seed(int(seed))
     history = []
     for _ in range(epochs):
@@ -447,9 +469,12 @@ def fit_arrays(
         model.train()
         trainer.reset()
         order = torch.randperm(len(y), generator=generator).numpy()
-        for i in range(0, len(y), batch_size):
-            idx = order[i : i + batch_size]
-            trainer.step((x[idx], y[idx]))
+        shuffled = (
+            (x[order[i : i + batch_size]], y[order[i : i + batch_size]])
+            for i in range(0, len(y), batch_size)
+        )
+        for batch in trainer.batches(shuffled):
+            trainer.step(batch)
         seconds = time.perf_counter() - start
         val_loss = None if val is None else evaluate(model, array_batches(*val), context.device)
         loss = float(trainer.total) / max(float(trainer.weight), 1.0)
