@@ -2,6 +2,8 @@
 # Loader vs raw decode per layout, split kind and adapter, measured in one run: one JSON line
 # each (bench-loader), then a markdown table of them.
 #   bash benchmarks/scripts/loader_layouts.sh [preset] [epochs] [pixel|patch] [adapters] [splits]
+# epochs: the fewest measured (reference, loader) pairs; more until the ratio's 95 % interval
+# is within ±10 % (bench-loader --max-seconds, 30 s).
 # adapters: comma-separated (default numpy); splits: comma-separated --split values (default
 # blocks,time,chunks: physical blocks, time periods in the task's fractions, whole chunks).
 # patch: the 16 x 16 windows of lst-gapfill (items are windows, not pixel pairs).
@@ -24,10 +26,11 @@ for layout in map ts balanced; do
 import json, sys
 row = json.loads(sys.stdin.read())
 items = 'windows' if row['geometry'] == 'patch' else 'pairs'
-keep = ('adapter', 'chunk_shape', 'reader', items, f'{items}_per_s', f'raw_decode_{items}_per_s',
-        'raw_reader', 'raw_by_reader', 'ratio_to_raw', 'read_amplification', 'chunks_decoded',
+keep = ('adapter', 'chunk_shape', 'reader', 'epochs', items, f'{items}_per_s',
+        f'raw_decode_{items}_per_s', f'raw_extract_{items}_per_s', 'raw_reader', 'raw_by_reader',
+        'ratio_to_raw', 'ratio_to_raw_ci95', 'read_amplification', 'chunks_decoded',
         'decoded_over_window_bytes', 'peak_rss_mb', 'time_to_first_batch_s', 'stall_fraction')
-print(json.dumps({'layout': '$layout', 'split': '$split', 'epochs': $epochs,
+print(json.dumps({'layout': '$layout', 'split': '$split',
                   **{k: row[k] for k in keep if k in row}}))" | tee -a "$rows"
     done
   done
@@ -36,10 +39,13 @@ python3 - "$rows" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 items = 'windows' if 'windows' in rows[0] else 'pairs'
-print(f"\n| layout | split | adapter | {items}/s | ratio to raw | read amplification | chunks decoded / epoch |")
-print("|---|---|---|---:|---:|---:|---:|")
+print(f"\n| layout | split | adapter | {items}/s | reference /s | ratio to reference [95 %] | "
+      "read amplification | chunks decoded / epoch |")
+print("|---|---|---|---:|---:|---:|---:|---:|")
 for r in rows:
+    low, high = r['ratio_to_raw_ci95'] or (float('nan'), float('nan'))
     print(f"| {r['layout']} | {r['split']} | {r['adapter']} | {r[items + '_per_s']:,.0f} | "
-          f"{r['ratio_to_raw']:.2f} | {r['read_amplification']:.2f} | "
+          f"{r['raw_decode_' + items + '_per_s']:,.0f} | "
+          f"{r['ratio_to_raw']:.2f} [{low:.2f}, {high:.2f}] | {r['read_amplification']:.2f} | "
           f"{r['chunks_decoded'] / r['epochs']:.0f} |")
 EOF

@@ -103,15 +103,19 @@ def hidden_mask(patch: Patch, seed: int, ts: slice, ys: slice, xs: slice) -> np.
     """
     g = patch.gap_size
     t = np.arange(ts.start, ts.stop, dtype=np.uint64)
-    cy = (np.arange(ys.start, ys.stop) // g).astype(np.uint64)
-    cx = (np.arange(xs.start, xs.stop) // g).astype(np.uint64)
+    # hashed once per square, then spread over its pixels (g² times fewer hashes)
+    first_y, first_x = ys.start // g, xs.start // g
+    cy = np.arange(first_y, (ys.stop - 1) // g + 1, dtype=np.uint64)
+    cx = np.arange(first_x, (xs.stop - 1) // g + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
         key = splitmix64(np.uint64(GAP_KEY) ^ np.uint64(seed & 0xFFFF_FFFF_FFFF_FFFF))
         h = splitmix64(key ^ t)[:, None, None]
         h = splitmix64(h ^ cy[None, :, None])
         h = splitmix64(h ^ cx[None, None, :])
-    uniform = (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
-    return uniform < patch.gap_fraction
+    squares = (h >> np.uint64(11)).astype(np.float64) * 2.0**-53 < patch.gap_fraction
+    row = np.arange(ys.start, ys.stop) // g - first_y
+    col = np.arange(xs.start, xs.stop) // g - first_x
+    return squares[:, row][:, :, col]
 
 
 def cell_counts(

@@ -12,9 +12,9 @@ time slab), and no window needs chunks of two strips. A chunk then waits for at 
 slab of the strip along its outermost crossed axis (one row of chunks when windows cross
 only lat and lon borders). The epoch's order permutes the strips and picks the walk's
 direction on every axis; the windows of K consecutive units (the buffer) are then shuffled
-together. Shards take contiguous stretches of that walk, balanced by windows. Chunks are
-decoded in threads ahead of the assembly, which runs in its own thread; batches are cut from
-the shuffled groups without per-window Python on the consumer's side.
+together. Shards take contiguous stretches of that walk, balanced by windows. Decoding,
+assembling and shuffling all run in the stream's threads (the consumer only cuts batches from
+the shuffled groups), so the whole pipeline scales with the threads.
 """
 
 from __future__ import annotations
@@ -270,7 +270,6 @@ class PatchStream(StreamBase):
         stats.bytes_needed += self.needed_bytes(set(uses))  # this shard's chunks, once
         cache: dict[ChunkIndex, Future] = {}
         lock = threading.Lock()
-        rng = np.random.default_rng([self.seed, epoch, 4])
 
         def build(unit: Unit) -> Batch:
             chunks = {c: cache[c].result()[0] for c in unit.needs}
@@ -292,41 +291,53 @@ class PatchStream(StreamBase):
                 stats.bytes_decoded += nbytes
                 stats.decode_seconds += seconds
 
-        lookahead = self.buffer_chunks + self.threads
-        todo = iter(units)
-        with (
-            ThreadPoolExecutor(self.threads, thread_name_prefix="cubebench-decode") as pool,
-            ThreadPoolExecutor(1, thread_name_prefix="cubebench-assemble") as assembler,
-        ):
-            pending: deque[Future[Batch]] = deque()
+        # the windows of K units are one group, assembled and shuffled in the pool too: each
+        # task is queued behind the decodes it needs (the queue is FIFO: when it starts, they
+        # have all started), so the consumer only slices and every stage scales with threads
+        k = self.buffer_chunks
+        todo = iter([units[i : i + k] for i in range(0, len(units), k)])
+        ahead = max(2, -(-self.threads // k) + 1)
+        numbering = itertools.count()
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="cubebench-decode") as pool:
+            pending: deque[tuple[list[Future[Batch]], Future[Batch]]] = deque()
 
             def top_up() -> None:
-                while len(pending) < lookahead:
-                    unit = next(todo, None)
-                    if unit is None:
+                while len(pending) < ahead:
+                    group = next(todo, None)
+                    if group is None:
                         return
-                    for c in unit.needs:
-                        with lock:
-                            missing = c not in cache
+                    builds = []
+                    for unit in group:
+                        for c in unit.needs:
+                            with lock:
+                                missing = c not in cache
+                                if missing:
+                                    cache[c] = pool.submit(self.decode_planes, c)
                             if missing:
-                                cache[c] = pool.submit(self.decode_planes, c)
-                        if missing:
-                            cache[c].add_done_callback(decoded)
-                    pending.append(assembler.submit(build, unit))
+                                cache[c].add_done_callback(decoded)
+                        builds.append(pool.submit(build, unit))
+                    index = next(numbering)
+                    pending.append((builds, pool.submit(self._group, builds, epoch, index)))
 
             top_up()
             try:
                 while pending:
-                    parts = []
-                    for _ in range(min(self.buffer_chunks, len(pending))):
-                        parts.append(pending.popleft().result())
-                        top_up()
-                    yield shuffled(parts, rng) if self.shuffle else concatenate(parts)
+                    _, group = pending.popleft()
+                    top_up()
+                    yield group.result()
             finally:  # the consumer stopped early: skip work not yet started
                 with lock:
-                    futures = [*pending, *cache.values()]
+                    futures = [f for b, g in pending for f in (*b, g)] + [*cache.values()]
                 for future in futures:
                     future.cancel()
+
+    def _group(self, builds: list[Future[Batch]], epoch: int, index: int) -> Batch:
+        """One group: its units' windows, shuffled together (seeded by epoch and group, so
+        the order does not depend on which thread finishes first)."""
+        parts = [future.result() for future in builds]
+        if not self.shuffle:
+            return concatenate(parts)
+        return shuffled(parts, np.random.default_rng([self.seed, epoch, 4, index]))
 
     def batches(self, epoch: int = 0) -> Iterator[Batch]:
         """One epoch of `(x, y, mask)` batches of `batch_size` windows; updates `stats`.
