@@ -5,7 +5,8 @@
 # epochs: the fewest measured (reference, loader) pairs; more until the ratio's 95 % interval
 # is within ±10 % (bench-loader --max-seconds, 30 s).
 # adapters: comma-separated (default numpy); splits: comma-separated --split values (default
-# blocks,time,chunks: physical blocks, time periods in the task's fractions, whole chunks).
+# blocks,time,chunks: physical blocks, time periods in the task's fractions, whole chunks;
+# `task`: the task's own split).
 # patch: the 16 x 16 windows of lst-gapfill (items are windows, not pixel pairs).
 set -euo pipefail
 preset=${1:-small}
@@ -21,8 +22,10 @@ trap 'rm -f "$rows"' EXIT
 for layout in map ts balanced; do
   for split in ${splits//,/ }; do
     for adapter in ${adapters//,/ }; do
+      split_args=(--split "$split")
+      [ "$split" = task ] && split_args=()
       cubebench bench-loader --cube "synthetic:${preset}?layout=${layout}" --task "$task" \
-        --split "$split" --adapter "$adapter" --epochs "$epochs" --json 2>/dev/null | python3 -c "
+        "${split_args[@]}" --adapter "$adapter" --epochs "$epochs" --json 2>/dev/null | python3 -c "
 import json, sys
 row = json.loads(sys.stdin.read())
 items = 'windows' if row['geometry'] == 'patch' else 'pairs'
