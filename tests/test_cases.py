@@ -28,10 +28,22 @@ NAMES = list(CASES)
 LIBRARIES = {"scikit-learn", "torch", "keras"}
 
 
+class _Tasks(dict):
+    """Prepared tasks by name, each prepared when a test first asks for it (the fast tier
+    runs no window case and never prepares the window task)."""
+
+    def __init__(self, cube):
+        super().__init__()
+        self.cube = cube
+
+    def __missing__(self, name: str):
+        self[name] = prepare_task(get_task(name), self.cube)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def tasks(tiny):
-    names = {cls.task for _, cls in CASES.values()}
-    return {name: prepare_task(get_task(name), tiny) for name in names}
+    return _Tasks(tiny)
 
 
 def run_case(cls, task, seed: int = 0, **params):
@@ -99,7 +111,10 @@ def test_listing_the_cases_loads_no_framework():
 # the window cases (U-Nets, neighbourhood trees) train on patches: tens of seconds each, so
 # they run in the full tier; the pixel cases keep every framework's loop in the fast tier
 END_TO_END = [
-    pytest.param(name, marks=pytest.mark.slow) if get_task(cls.task).patch else name
+    # the transfer twins share one loop: torch's runs in the fast tier, keras' in the full
+    pytest.param(name, marks=pytest.mark.slow)
+    if get_task(cls.task).patch or name == "keras-transfer"
+    else name
     for name, (_, cls) in CASES.items()
 ]
 

@@ -270,7 +270,7 @@ def _stored(path: Path, name: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("encoding", list(ENCODINGS))
-@pytest.mark.parametrize("fmt", ["zarr", "nc"])
+@pytest.mark.parametrize("fmt", ["zarr", pytest.param("nc", marks=pytest.mark.slow)])
 def test_cf_missing_values_are_missing(tmp_path, fmt, encoding):
     enc = ENCODINGS[encoding]
     cube = _write(tmp_path / "cube", fmt, encoding=enc)
@@ -295,7 +295,7 @@ TIME_360 = xr.date_range(
 )  # 1 Jan, 16 Feb, 1 Apr, 16 May, 1 Jul, 16 Aug, 1 Oct, 16 Nov
 
 
-@pytest.mark.parametrize("fmt", ["zarr", "nc"])
+@pytest.mark.parametrize("fmt", ["zarr", pytest.param("nc", marks=pytest.mark.slow)])
 def test_360_day_calendar(tmp_path, fmt):
     cube = _write(tmp_path / "cube", fmt, time=TIME_360)
     ds = open_cube(cube.path)

@@ -113,6 +113,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_threads_give_one_row_per_count_with_the_emulated_rate(tiny_task):
     text = _cli("--threads", "1,2", "--epochs", "2", "--max-seconds", "0")
     assert text.returncode == 0, text.stderr

@@ -200,7 +200,13 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize("command", sorted(SUBPARSERS))
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(c, marks=pytest.mark.slow) if c == "make-cube" else c
+        for c in sorted(SUBPARSERS)
+    ],
+)
 @FUZZ
 @given(data=st.data())
 def test_cli_never_raises(command, data, sandbox, capsys):

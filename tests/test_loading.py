@@ -122,7 +122,7 @@ def test_readers_are_offered_fastest_first(tiny_task):
 
 
 @pytest.mark.parametrize("fmt", [2, 3])
-@pytest.mark.parametrize("layout", ["balanced", "5,7,11"])
+@pytest.mark.parametrize("layout", ["balanced", pytest.param("5,7,11", marks=pytest.mark.slow)])
 def test_direct_reader_equals_zarr_on_any_window(tmp_path, fmt, layout):
     """Whole chunks, edge chunks (stored whole, cut to the array) and windows across chunks
     give zarr-python's values; an unwritten chunk gives the fill value."""
@@ -260,7 +260,8 @@ def test_materialize_is_a_seeded_subsample(tiny_task):
     assert len(xa) == tiny_task.samples["train"]
 
 
-@pytest.mark.parametrize("workers", [0, 1, pytest.param(2, marks=pytest.mark.slow)])
+# a spawned DataLoader worker costs seconds to start: one and two of them in the full tier
+@pytest.mark.parametrize("workers", [0, *(pytest.param(n, marks=pytest.mark.slow) for n in (1, 2))])
 def test_torch_workers_deliver_every_sample_once(tiny_task, workers):
     from cubebench.loading.torch import loader
 
@@ -309,7 +310,7 @@ def test_mix_interleaves_parts_in_proportion():
         ("numpy", None),
         pytest.param("torch", None, marks=pytest.mark.slow),
         pytest.param("tf", None, marks=pytest.mark.slow),
-        ("numpy", "chunks"),
+        pytest.param("numpy", "chunks", marks=pytest.mark.slow),
     ],
     ids=["numpy", "torch", "tf", "numpy-chunks"],
 )

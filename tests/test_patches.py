@@ -532,7 +532,8 @@ def test_a_window_larger_than_the_cube_or_a_region_split_is_refused(tiny):
 
 
 @pytest.mark.parametrize(
-    ("task_name", "split"), [("lst-gapfill", None), ("lst-from-t2m", "chunks")]
+    ("task_name", "split"),
+    [("lst-gapfill", None), pytest.param("lst-from-t2m", "chunks", marks=pytest.mark.slow)],
 )
 def test_bench_loader_measures_windows(tiny, task_name, split):
     """8 x 8 windows of the train part: on the gap-filling task's blocks of 64 pixels the

@@ -35,6 +35,7 @@ def test_schema_is_esdc_like(tiny):
     assert tiny.attrs["cubebench_noise_floor"] > 0
 
 
+@pytest.mark.slow  # writes the `small` cube where no cache has it
 def test_8daily_axis_restarts_each_year(cube_cache):
     time = open_cube("synthetic:small")["time"].to_index()
     firsts = time[time.day_of_year == 1]
@@ -108,6 +109,7 @@ def test_ocean_is_nan_and_land_has_data(tiny):
     assert tiny["air_temperature_2m"].notnull().all()
 
 
+@pytest.mark.slow  # on the `small` cube
 def test_cloud_gaps_cover_30_to_50_percent_of_land_and_are_correlated(cube_cache):
     cube = open_cube("synthetic:small")
     lst = cube["land_surface_temperature"].values
