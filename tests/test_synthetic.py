@@ -138,6 +138,7 @@ def test_v3_profile_has_celsius_and_no_lst(tiny):
     )
 
 
+@pytest.mark.slow  # on the `small` cube
 def test_oracle_reaches_the_noise_floor_on_the_test_part(cube_cache):
     """The stored floor is real: knowing the generating function gives exactly that RMSE."""
     cube = open_cube("synthetic:small")
