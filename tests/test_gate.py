@@ -126,8 +126,12 @@ def toy_repo(tmp_path_factory) -> Path:
 
 
 def _gate(repo: Path, base: str, head: str) -> subprocess.CompletedProcess:
+    """The gate on the toy repository. Its timing is a 10 µs sum that a busy machine makes
+    3x slower between two commits now and then (seen in CI: "3 of 4 got worse"), so the
+    timing factor is set out of reach here; the factor's rule is tested on its own above,
+    and this test checks that a real timing is measured and reported on both commits."""
     cmd = [sys.executable, "-m", "benchmarks.scripts.gate", "--config", str(repo / "asv.conf.json")]
-    cmd += ["--base", base, "--head", head, *SELECTION]
+    cmd += ["--base", base, "--head", head, "--factor", "1e9", *SELECTION]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
