@@ -49,18 +49,7 @@ def _positive_list(kind):
 
 def _non_negative(kind):
     """An argparse type: a finite number of `kind`, zero or more."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not 0 <= value < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-        return value
-
-    parse.__name__ = f"non-negative {kind.__name__}"
-    return parse
+    return _finite(kind, zero=True)
 
 
 def _rate_or_sweep(text: str) -> float | str:
@@ -69,17 +58,24 @@ def _rate_or_sweep(text: str) -> float | str:
 
 def _positive(kind):
     """An argparse type: a number of `kind` greater than zero."""
+    return _finite(kind, zero=False)
+
+
+def _finite(kind, zero: bool):
+    """An argparse type: a finite number of `kind` above 0, or from 0 on with `zero`."""
+    bound = ">= 0" if zero else "above 0"
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
+        above = value >= 0 if zero else value > 0  # False for NaN
+        if not (above and value < float("inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
         return value
 
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = f"{'non-negative' if zero else 'positive'} {kind.__name__}"
     return parse
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cubebench.loading import PatchStream, Stream, open_stream
+from cubebench.loading.kernels import valid_mask
 from cubebench.loading.readers import ChunkReader, available_readers, open_reader
 from cubebench.task import PreparedTask
 
@@ -55,16 +56,10 @@ class Reference:
     def _one(self, chunk) -> int:
         window = self.stream.chunk_slices(chunk)
         arrays = self.reader.read_many(self.stream.variables, window)
-        valid = np.isfinite(arrays[0])
-        for a in arrays[1:]:
-            valid &= np.isfinite(a)
         sel = self.stream.task.selections[self.stream.part]  # the part's region and time
-        st, sy, sx = (mask[w] for mask, w in zip((sel.time, sel.lat, sel.lon), window))
-        if not (st.all() and sy.all() and sx.all()):
-            valid &= st[:, None, None] & sy[None, :, None] & sx[None, None, :]
+        selection = tuple(mask[w] for mask, w in zip((sel.time, sel.lat, sel.lon), window))
         part_mask = self.stream.task.part_mask(self.stream.part, window)
-        if part_mask is not None:
-            valid &= part_mask
+        valid = valid_mask(arrays, selection, part_mask)  # the loader's own mask
         if self.extract:
             return len([a[valid] for a in arrays][-1])
         return int(np.count_nonzero(valid))
@@ -180,10 +175,6 @@ def converged(log_ratios: list[float], target: float = TARGET_HALF_WIDTH) -> boo
     return len(log_ratios) >= 2 and high <= ratio * (1 + target) and low >= ratio * (1 - target)
 
 
-def _stream(task: PreparedTask, part: str, threads: int, **options) -> Stream:
-    return open_stream(task, part, threads=threads, **options)
-
-
 def bench_loader(
     task: PreparedTask,
     part: str = "train",
@@ -208,10 +199,10 @@ def bench_loader(
     shuffling and batching the windows cost on top of decoding.
     """
     started = time.perf_counter()
-    stream = _stream(
+    stream = open_stream(
         task,
         part,
-        threads,
+        threads=threads,
         batch_size=batch_size,
         buffer_chunks=buffer_chunks,
         reader=reader,
@@ -318,7 +309,7 @@ def emulate(
     warm-up epoch): `accelerator_utilisation` = the seconds the device held batches / wall,
     and `emulated_rate` = items / those seconds (a sleep overshoots a little, so it is
     slightly below `rate`)."""
-    stream = _stream(task, part, threads, batch_size=batch_size, **options)
+    stream = open_stream(task, part, threads=threads, batch_size=batch_size, **options)
     return _emulated(epoch_runner(adapter, stream, rate=rate), rate, epochs)
 
 
@@ -354,7 +345,7 @@ def sweep(
     fall) and bisects in log space between a rate that passed and one that failed, `probes`
     times: the answer is known to within a factor (high / low) ** (1 / 2 ** probes).
     """
-    stream = _stream(task, part, threads, batch_size=batch_size, **options)
+    stream = open_stream(task, part, threads=threads, batch_size=batch_size, **options)
     free = _emulated(epoch_runner(adapter, stream), math.inf, epochs)["delivered_per_s"]
     points = []
 

@@ -83,6 +83,24 @@ def copy_runs(x, y, sources, lengths, targets, out_x, out_y) -> None:
         out_y[at : at + n] = y[start : start + n]
 
 
+def valid_mask(
+    arrays: list[np.ndarray],
+    selection: tuple[np.ndarray, np.ndarray, np.ndarray],
+    part_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Where a chunk's sample is valid: finite in every array, selected on every axis
+    (`selection`), and the part's (`part_mask`, None: every pixel is)."""
+    valid = np.isfinite(arrays[0])
+    for a in arrays[1:]:
+        valid &= np.isfinite(a)
+    st, sy, sx = selection
+    if not (st.all() and sy.all() and sx.all()):
+        valid &= st[:, None, None] & sy[None, :, None] & sx[None, None, :]
+    if part_mask is not None:
+        valid &= part_mask
+    return valid
+
+
 def chunk_records(
     arrays: list[np.ndarray],
     selection: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -99,14 +117,7 @@ def chunk_records(
     the pixels of the part, for a chunk shared by parts) and every array is finite. The mask
     is built by numpy (SIMD; the kernel's loop is not vectorised).
     """
-    valid = np.isfinite(arrays[0])
-    for a in arrays[1:]:
-        valid &= np.isfinite(a)
-    st, sy, sx = selection
-    if not (st.all() and sy.all() and sx.all()):
-        valid &= st[:, None, None] & sy[None, :, None] & sx[None, None, :]
-    if part_mask is not None:
-        valid &= part_mask
+    valid = valid_mask(arrays, selection, part_mask)
     dtype = np.result_type(*arrays)
     arrays = tuple(np.ascontiguousarray(a, dtype=dtype) for a in arrays)
     n = int(np.count_nonzero(valid))
