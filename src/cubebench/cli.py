@@ -330,7 +330,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from cubebench.discovery import discover
     from cubebench.progress import SuiteProgress
     from cubebench.report import write_report
-    from cubebench.runner import claim_run_dir, hold_run, jobs, run_suite
+    from cubebench.runner import claim_run_dir, hold_run, jobs, join_run_dir, run_suite
     from cubebench.tracking import SuiteTracker
 
     available = discover(args.cases_dir)
@@ -340,11 +340,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     splits = range(settings["repeat"]) if settings["vary_split"] else range(1)
     tasks = {available[name][1].task for name in settings["cases"]}
     _preflight(cube, tasks, splits, settings["split"], settings["buffer"])
-    run_dir = Path(args.out) / args.resume if args.resume else claim_run_dir(args.out, args.run_id)
+    if args.join:
+        run_dir = join_run_dir(args.out, args.join)
+        again = "run the same command again (--join skips the cases with a result)"
+    elif args.resume:
+        run_dir = Path(args.out) / args.resume
+    else:
+        run_dir = claim_run_dir(args.out, args.run_id)
+    if not args.join:
+        again = f"resume with `cubebench run --resume {run_dir.name} --out {args.out}`"
     cases = settings["cases"]
     tracker = None if args.no_tracking else SuiteTracker(run_dir, args.experiment)
     try:
-        with hold_run(run_dir), SuiteProgress(jobs(cases, settings["repeat"])) as progress:
+        with (
+            hold_run(run_dir, wait=bool(args.join)),
+            SuiteProgress(jobs(cases, settings["repeat"])) as progress,
+        ):
             if tracker:
                 tracker.warn_with(progress.warn)
             outcomes = run_suite(
@@ -355,19 +366,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 progress=progress,
                 tracker=tracker,
                 resume=bool(args.resume),
+                join=bool(args.join),
             )
         paths = write_report(run_dir)
     except KeyboardInterrupt:
         print(
-            f"cubebench: interrupted; finished cases are kept in {run_dir}: "
-            f"resume with `cubebench run --resume {run_dir.name} --out {args.out}`",
+            f"cubebench: interrupted; finished cases are kept in {run_dir}: {again}",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
     except OSError as error:  # disk full, results root gone read-only...
         raise CubebenchError(
             f"cannot write results in {run_dir}: {error.strerror or error}; finished cases are "
-            f"intact: free space, then `cubebench run --resume {run_dir.name} --out {args.out}`"
+            f"intact: free space, then {again}"
         ) from None
     if tracker:
         tracker.finish(resumed=bool(args.resume))
@@ -392,6 +403,8 @@ def _run_settings(args: argparse.Namespace, available: dict) -> dict:
     from cubebench.discovery import select
     from cubebench.runner import resume_settings
 
+    if args.join and (args.resume or args.run_id):
+        raise CubebenchError("--join names the run itself: drop --resume and --run-id")
     if not args.resume:
         return {
             "cube": args.cube,
@@ -642,6 +655,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="RUN_ID",
         help="finish an interrupted run in --out: only its cases without a result run",
+    )
+    p.add_argument(
+        "--join",
+        metavar="RUN_ID",
+        help="add the cases to run RUN_ID in --out (created when missing; same settings, "
+        "waits while another suite writes it; cases with a result are not run again): one "
+        "run across several images",
     )
     p.add_argument("--out", type=Path, default=Path("results"), help="results root")
     p.add_argument("--experiment", default="cubebench", help="mlflow experiment name")

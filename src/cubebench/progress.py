@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cubebench.errors import CubebenchError
+
 
 class SuiteProgress:
     def __init__(self, cases: list[str]):
@@ -30,6 +32,8 @@ class SuiteProgress:
         return self
 
     def __exit__(self, *exc) -> None:
+        if isinstance(exc[1], CubebenchError):  # a user mistake: its one line, no bars above it
+            self.bars.live.transient = True
         self.bars.__exit__(*exc)
 
     def warn(self, message: str) -> None:

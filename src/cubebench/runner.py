@@ -166,8 +166,7 @@ def failed_result(spec: dict, reason: str, seconds: float) -> dict:
 def claim_run_dir(out: Path, run_id: str | None = None) -> Path:
     """Create `out/<run-id>`; creation is atomic, so two suites never share a run dir."""
     run_id = run_id or new_run_id()
-    if not run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise CubebenchError(f"run id {run_id!r}: use letters, digits, '-', '_' and '.'")
+    _check_run_id(run_id)
     run_dir = Path(out) / run_id
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
@@ -180,14 +179,32 @@ def claim_run_dir(out: Path, run_id: str | None = None) -> Path:
     return run_dir
 
 
+def join_run_dir(out: Path, run_id: str) -> Path:
+    """`out/<run-id>`, created when missing: several suites (one per image) add their cases
+    to one run, one after the other under `hold_run(..., wait=True)`."""
+    _check_run_id(run_id)
+    run_dir = Path(out) / run_id
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CubebenchError(f"cannot create {run_dir}: {error.strerror}") from None
+    return run_dir
+
+
+def _check_run_id(run_id: str) -> None:
+    if not run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise CubebenchError(f"run id {run_id!r}: use letters, digits, '-', '_' and '.'")
+
+
 @contextlib.contextmanager
-def hold_run(run_dir: Path):
+def hold_run(run_dir: Path, wait: bool = False):
     """An exclusive lock on a run dir while a suite writes it: a `--resume` of a run that is
-    still going is refused. The kernel releases it when the holder dies, SIGKILL included."""
+    still going is refused; with `wait` (`--join`) the suite waits for its turn instead. The
+    kernel releases it when the holder dies, SIGKILL included."""
     path = Path(run_dir) / ".lock"
     with contextlib.ExitStack() as held:
         try:
-            fd = held.enter_context(file_lock(path, wait=False))
+            fd = held.enter_context(file_lock(path, wait=wait))
         except BlockingIOError:
             holder = path.read_text(errors="replace").strip() or "?"
             raise CubebenchError(
@@ -279,11 +296,14 @@ def run_suite(
     progress: Progress | None = None,
     tracker: SuiteTracker | None = None,
     resume: bool = False,
+    join: bool = False,
 ) -> list[CaseOutcome]:
     """Run `cases`, each `repeat` times (seeds seed .. seed + repeat - 1; `vary_split`: the
     task's split seed moves with them; `split`, `buffer`: every task's, see
     `task.with_split`), one worker per repeat, into `run_dir` (claimed, or
-    with `resume` an earlier run's: only repeats without a result file run).
+    with `resume` an earlier run's: only repeats without a result file run; with `join` the
+    run's, when it has a manifest, which must have the same settings: `cases` are added to it
+    and those of them with a result are not run again).
 
     `nproc` > 1: the cases that declare `distributed` train with torch DDP on that many ranks
     (torchrun), which share the thread budget; the others run as usual.
@@ -294,7 +314,27 @@ def run_suite(
     threads = threads or min(os.cpu_count() or 1, 8)
     environment = results.environment_manifest(threads, seed, worker_env(threads))
     manifest_path = run_dir / results.RUN_MANIFEST
-    if resume:
+    settings = {
+        "cube": scrub(cube),
+        "device": device,
+        "epochs": epochs,
+        "seed": seed,
+        "threads": threads,
+        "nproc": nproc,
+        "repeat": repeat,
+        "vary_split": vary_split,
+        "split": split,
+        "buffer": buffer,
+        "timeout_s": timeout,
+    }
+    joining = join and manifest_path.is_file()
+    if joining:
+        manifest = _joined(results.read_json(manifest_path), settings, cases)
+        changed = _environment_changes(results.read_environment(run_dir), environment)
+        joined = {"at": results.now(), "cases": cases, "environment_changed": changed}
+        manifest["joined"] = [*manifest.get("joined", []), joined]
+        manifest.update(status="running", finished_at=None)
+    elif resume:
         manifest = results.read_json(manifest_path)
         changed = _environment_changes(results.read_environment(run_dir), environment)
         resumed = {"at": results.now(), "environment_changed": changed}
@@ -304,18 +344,8 @@ def run_suite(
         results.write_json_atomic(run_dir / results.ENVIRONMENT, environment)
         manifest = {
             "run_id": run_id,
-            "cube": scrub(cube),
             "cases": cases,
-            "device": device,
-            "epochs": epochs,
-            "seed": seed,
-            "threads": threads,
-            "nproc": nproc,
-            "repeat": repeat,
-            "vary_split": vary_split,
-            "split": split,
-            "buffer": buffer,
-            "timeout_s": timeout,
+            **settings,
             "started_at": results.now(),
             "finished_at": None,
             "status": "running",
@@ -325,7 +355,7 @@ def run_suite(
     if tracker:
         tracker.suite_started(manifest, environment)
     todo = jobs(cases, repeat)
-    done = finished_jobs(run_dir, todo) if resume else {}
+    done = finished_jobs(run_dir, todo) if resume or joining else {}
     seeds = {c: split_seeds(available[c][1], repeat, vary_split) for c in cases}
     outcomes = []
     try:
@@ -360,6 +390,21 @@ def run_suite(
     manifest.update(finished_at=results.now(), status="finished")
     results.write_json_atomic(manifest_path, manifest)
     return outcomes
+
+
+def _joined(manifest: dict, settings: dict, cases: list[str]) -> dict:
+    """The manifest of a run that `cases` join: its settings must be theirs (one run, one set
+    of settings, whatever image each case runs in)."""
+    differ = [k for k, v in settings.items() if manifest.get(k) != v]
+    if differ:
+        given = ", ".join(f"{k}={settings[k]!r} (run: {manifest.get(k)!r})" for k in differ)
+        raise CubebenchError(
+            f"run {manifest['run_id']!r} has other settings: {given}; join it with its own"
+        )
+    return {
+        **manifest,
+        "cases": [*manifest["cases"], *(c for c in cases if c not in manifest["cases"])],
+    }
 
 
 def _run_one(

@@ -35,6 +35,7 @@ TAG_CASE = "cubebench.case"
 TAG_ROLE = "cubebench.role"  # suite | case | repeat
 TAG_REPEAT = "cubebench.repeat"  # the repeat index of a `repeat` run
 TAG_COMPLETE = "cubebench.complete"  # "true" once everything of the run is logged
+TAG_CASES = "cubebench.cases"  # a suite's cases, comma-separated (joined suites add theirs)
 # A dead server must cost seconds, not mlflow's default of 7 retries with backoff (minutes);
 # and mlflow 3 sends usage telemetry to the internet: results go to the tracking URI only
 ENV_DEFAULTS = {
@@ -209,6 +210,7 @@ def suite_tags(manifest: dict, environment: dict) -> dict[str, str]:
     tags = {
         TAG_RUN_ID: manifest["run_id"],
         TAG_ROLE: "suite",
+        TAG_CASES: ",".join(manifest.get("cases", [])),
         "mlflow.runName": manifest["run_id"],
         "git_sha": environment.get("git_sha"),
         "mlflow.source.git.commit": environment.get("git_sha"),
@@ -220,7 +222,7 @@ def suite_tags(manifest: dict, environment: dict) -> dict[str, str]:
 
 
 def suite_params(manifest: dict) -> dict[str, str]:
-    keys = ("cube", "cases", "device", "epochs", "seed", "threads", "nproc", "timeout_s")
+    keys = ("cube", "device", "epochs", "seed", "threads", "nproc", "timeout_s")
     keys += ("repeat", "vary_split")
     values = scrub_tree({k: manifest.get(k) for k in keys})
     return {k: ",".join(v) if isinstance(v, list) else str(v) for k, v in values.items()}
@@ -338,6 +340,8 @@ class Store:
         for png in sorted(run_dir.glob("*.png")):
             self.client.log_artifact(parent, str(png), "report")
         failed = [c for c, o in manifest.get("outcomes", {}).items() if o.get("status") != "ok"]
+        # a tag, not a param: suites that `--join` the run add cases to it
+        self.client.set_tag(parent, TAG_CASES, scrub(",".join(manifest.get("cases", []))))
         self.client.set_tag(parent, TAG_COMPLETE, "true")
         self.client.set_terminated(parent, "FAILED" if failed else "FINISHED")
 
