@@ -126,8 +126,9 @@ def test_join_names_the_run_itself(tmp_path, cases_dir):
 def test_bench_gpu_runs_every_case_once_in_its_frameworks_image():
     """`nox -s bench-gpu`'s plan over the real cases: each in exactly one image, torch's in
     the torch image, the rest beside TensorFlow; a selection keeps its cases only."""
-    from cubebench.discovery import discover
     from noxfile import gpu_plan
+
+    from cubebench.discovery import discover
 
     listing = [{"case": n, "library": cls.library} for n, (_, cls) in discover().items()]
     plan = gpu_plan(listing, "all")

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cubebench import ranks
+from cubebench.gpu import CopyClock
 from cubebench.loading import Stream, open_stream
 from cubebench.loading.stream import LoadStats, materialize
 from cubebench.task import PreparedTask
@@ -53,7 +54,9 @@ class Context:
     - `timed_batches` times the loop over a training stream (wall time, steps, and the wait
       inside `next(batch)`); framework loops report theirs with `loop.record`;
     - `probing(step, resident)` interleaves bursts of the same step on resident batches with
-      the training steps, for the stall (`before_step` in framework loops).
+      the training steps, for the stall (`before_step` in framework loops);
+    - `copies` times the training batches' host-to-device copies on the device, where the
+      loop makes them (torch on CUDA: `cubebench.loading.torch.to_device`).
 
     In a DDP run (`run --nproc N`, torch cases with `distributed = True`) every rank has its
     own context, and `stream` gives the rank its share of the part's samples."""
@@ -82,6 +85,7 @@ class Context:
         self.loop = LoopClock()
         self.compute: StepTiming | None = None  # resident step time (`probing`)
         self._probe: InterleavedProbe | None = None
+        self.copies = CopyClock()  # the training batches' copies to the GPU
         self.train_samples: int | None = None  # set by cases that log no epochs (in-memory)
         self._on_epoch = on_epoch
         self._tensorboard: ScalarWriter | None = None

@@ -12,7 +12,9 @@ library:
   with the 95 % interval of that compute time, never clamped; the wait inside
   `next(batch)` where it can be timed directly, under its own key;
 - accuracy on the eval part in physical units, with the floor realised on the evaluated
-  pixels (`cubebench.oracle`).
+  pixels (`cubebench.oracle`);
+- on CUDA (`gpu`): NVML's utilisation sampled during `fit()` and the device time of the
+  training batches' host-to-device copies where the loop makes them (`cubebench.gpu`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cubebench import ranks, results
+from cubebench import gpu, ranks, results
 from cubebench.case import Case, Context, EpochRecord
 from cubebench.metrics import RegressionMetrics
 from cubebench.oracle import noise_free_target
@@ -233,11 +235,51 @@ def _peak_rss_mb() -> float:
 
 
 def _gpu_peak_mb(device: str) -> float | None:
-    if device != "cuda" or "torch" not in sys.modules:
-        return None
-    import torch
+    return gpu.gpu_peak_mb() if device == "cuda" else None
 
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+# `gpu.h2d_note` where no copy was timed and the framework did not say why
+UNTIMED_COPIES = (
+    "not measured: no copy went through cubebench.loading.torch.to_device "
+    "(the library moves its data to the GPU itself)"
+)
+NO_UTILISATION = "no NVML reading: nvidia-ml-py, the driver or the device not found"
+
+
+def gpu_record(sampler: gpu.Sampler | None, copies: gpu.CopyClock) -> dict[str, Any]:
+    """The GPU figures of a CUDA result: NVML's utilisation during the fit (mean and 10th
+    percentile over every rank's readings, pooled), and the device time and bytes of the
+    training batches' host-to-device copies (summed over the ranks), or why they are null.
+    Waits for the copies' last events: call it after the fit."""
+    seconds = copies.seconds()
+    mine = {
+        "name": (sampler.name if sampler else None) or gpu.device_name(),
+        "utilisation": list(sampler.utilisation) if sampler else [],
+        "memory": max(sampler.memory, default=None) if sampler else None,
+        "error": sampler.error if sampler else NO_UTILISATION,
+        "seconds": seconds,
+        "bytes": copies.bytes if seconds is not None else None,
+        "note": copies.note,
+    }
+    shares = ranks.gather(mine)
+    stats = gpu.summarise([u for share in shares for u in share["utilisation"]])
+    names = sorted({share["name"] for share in shares if share["name"]})
+    memory = [share["memory"] for share in shares if share["memory"] is not None]
+    timed = all(share["seconds"] is not None for share in shares)
+    note = next((share["note"] for share in shares if share["note"]), UNTIMED_COPIES)
+    errors = [share["error"] for share in shares if share["error"]]
+    return {
+        "name": ", ".join(names) or None,
+        "utilisation_mean_pct": _rounded(stats.mean, 2),
+        "utilisation_p10_pct": _rounded(stats.p10, 2),
+        "utilisation_samples": stats.count,
+        "sample_interval_s": sampler.interval_s if sampler else gpu.INTERVAL_S,
+        "utilisation_note": None if stats.count else (errors[0] if errors else NO_UTILISATION),
+        "memory_used_max_mb": round(max(memory) / 2**20, 1) if memory else None,
+        "h2d_copy_s": _rounded(sum(s["seconds"] for s in shares)) if timed else None,
+        "h2d_bytes": sum(s["bytes"] for s in shares) if timed else None,
+        "h2d_note": None if timed else note,
+    }
 
 
 @dataclass
@@ -338,9 +380,10 @@ def run_case(
         setup = time.perf_counter() - start
         on_phase("training")
         before = context.clock.snapshot()
-        start = time.perf_counter()
-        case.fit()
-        fit_wall = time.perf_counter() - start
+        with gpu.sampling(device) as sampler:  # NVML opened and shut outside the clock
+            start = time.perf_counter()
+            case.fit()
+            fit_wall = time.perf_counter() - start
         booked = {k: context.clock.since(before, k) for k in ("warmup", "probe")}
         fit = fit_wall - booked["warmup"] - booked["probe"]
         on_phase("evaluating")
@@ -354,6 +397,7 @@ def run_case(
         )
         result["throughput"].update(throughput_record(context, fit, evaluation))
         result["loading"] = loading_record(context, fit)
+        result["gpu"] = gpu_record(sampler, context.copies) if device == "cuda" else None
         result["time_to_quality"] = time_to_quality(
             context.epochs, task.target_std, evaluation.metrics["noise_floor_rmse"]
         )

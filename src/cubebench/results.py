@@ -9,9 +9,11 @@ rendering. Documented in docs/results.md.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -173,6 +175,7 @@ def new_result(
         ),
         "time_to_quality": None,
         "memory": {"peak_rss_mb": None, "gpu_peak_mb": None},
+        "gpu": None,  # CUDA results: `cubebench.measure.gpu_record`
         "epochs": [],
         "cube": {"spec": cube_spec, "fingerprint": None, "chunk_shape": None},
         "environment": environment,
@@ -217,20 +220,87 @@ def _git_sha() -> str | None:
     return out.stdout.strip() or None
 
 
-def _gpu() -> dict | None:
+# nvidia-smi's fields of each GPU, with their keys in `environment.json` (`compute_cap`:
+# drivers from 510 on; older ones are asked without it)
+GPU_FIELDS = {
+    "name": "name",
+    "driver_version": "driver",
+    "memory.total": "memory",
+    "uuid": "uuid",
+    "compute_cap": "compute_capability",
+}
+
+
+def _nvidia_smi(fields: list[str]) -> list[list[str]] | None:
+    """One row of `fields` per GPU, or None where nvidia-smi is missing or refuses them."""
+    query = f"--query-gpu={','.join(fields)}"
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            ["nvidia-smi", query, "--format=csv,noheader"],
             capture_output=True,
             text=True,
             timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    rows = [r.split(", ") for r in out.stdout.strip().splitlines() if r.strip()]
-    if out.returncode or not rows:
+    rows = [[v.strip() for v in r.split(", ")] for r in out.stdout.strip().splitlines()]
+    rows = [r for r in rows if len(r) == len(fields)]
+    return None if out.returncode or not rows else rows
+
+
+def _gpu() -> dict | None:
+    """The GPUs (`nvidia-smi`): the first one's name, driver and memory as before, and every
+    GPU under `devices`; the CUDA each installed framework was built for (`cuda_builds`)."""
+    fields = list(GPU_FIELDS)
+    rows = _nvidia_smi(fields)
+    if rows is None:  # a driver before 510 (no compute_cap), or no GPU at all
+        fields = fields[:-1]
+        rows = _nvidia_smi(fields)
+    if rows is None:
         return None
-    return {"count": len(rows), "name": rows[0][0], "driver": rows[0][1], "memory": rows[0][2]}
+    devices = [
+        {GPU_FIELDS[f]: None if v in ("", "[N/A]", "N/A") else v for f, v in zip(fields, row)}
+        for row in rows
+    ]
+    first = devices[0]
+    return {
+        "count": len(rows),
+        "name": first["name"],
+        "driver": first["driver"],
+        "memory": first["memory"],
+        "devices": devices,
+        "cuda_builds": _cuda_builds(),
+    }
+
+
+# where each framework writes the CUDA version it was built for, without importing it
+_CUDA_BUILD_FILES = {
+    "torch": ("version.py", r"^cuda\b[^=\n]*=\s*['\"]([^'\"]+)['\"]"),
+    "tensorflow": (
+        "python/platform/build_info.py",
+        r"['\"]cuda_version['\"]\s*[,:]\s*['\"]([^'\"]+)['\"]",
+    ),
+}
+
+
+def _cuda_builds() -> dict[str, str | None]:
+    """{framework: CUDA version it was built for, None for a CPU build} of the installed
+    frameworks, read from their own files (importing torch or TensorFlow costs seconds)."""
+    builds: dict[str, str | None] = {}
+    for name, (file, pattern) in _CUDA_BUILD_FILES.items():
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        try:
+            text = (Path(next(iter(spec.submodule_search_locations))) / file).read_text()
+        except OSError:
+            continue
+        found = re.search(pattern, text, re.MULTILINE)
+        builds[name] = found.group(1) if found else None
+    return builds
 
 
 def environment_manifest(threads: int, seed: int, env: dict[str, str] | None = None) -> dict:

@@ -162,7 +162,7 @@ def case_metrics(result: dict) -> dict[str, float]:
     """Every number of the result (except its identity and inputs), keyed by its path; the
     accuracy metrics keep their bare names (`rmse`, `by_predictor.scratch.rmse`)."""
     out = dict(_numbers(result.get("metrics") or {}))
-    for section in ("timing", "throughput", "loading", "memory", "time_to_quality"):
+    for section in ("timing", "throughput", "loading", "memory", "time_to_quality", "gpu"):
         out.update(_numbers(result.get(section) or {}, f"{section}."))
     return out
 

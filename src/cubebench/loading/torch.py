@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cubebench.gpu import CopyClock
 from cubebench.loading import Stream
 
 PREFETCH = 2  # batches copied to the device ahead of the one the loop steps on
@@ -72,7 +73,10 @@ def loader(
 
 
 def to_device(
-    batches: Iterable[HostBatch], device: str | torch.device, prefetch: int = PREFETCH
+    batches: Iterable[HostBatch],
+    device: str | torch.device,
+    prefetch: int = PREFETCH,
+    clock: CopyClock | None = None,
 ) -> Iterator[DeviceBatch]:
     """The numpy batches as tensors on `device`, in order, each exactly once.
 
@@ -81,12 +85,14 @@ def to_device(
     could have overlapped; what it still waits for is the next batch from the stream and its
     staging into pinned memory. On the CPU it is the identity: `torch.from_numpy` (no copy,
     no read-ahead, no threads). Other devices get a plain synchronous `.to(device)`.
-    Closing the iterator closes `batches`.
+    Closing the iterator closes `batches`. `clock` (CUDA only) gets the device time and the
+    bytes of every copy (`cubebench.gpu.CopyClock`): the loops pass the context's for their
+    training batches.
     """
     prefetch = check_prefetch(prefetch)
     device = torch.device(device)
     if device.type == "cuda":
-        return prefetched(batches, CudaCopier(device, prefetch), prefetch)
+        return prefetched(batches, CudaCopier(device, prefetch, clock), prefetch)
     return _mapped(batches, device)
 
 
@@ -210,22 +216,35 @@ class CudaCopier:
     device tensors with `record_stream`, so that the caching allocator, which allocated them
     on the side stream, does not hand their memory out again before the consumer's work on
     them has run.
+
+    With a `clock`, a timing event is recorded before the copies too, and the pair goes to
+    the clock with the batch's bytes: the copy stream's time between them is the copies'
+    (read after the fit; the host never waits on them here).
     """
 
-    def __init__(self, device: torch.device, prefetch: int = PREFETCH):
+    def __init__(
+        self, device: torch.device, prefetch: int = PREFETCH, clock: CopyClock | None = None
+    ):
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self.staging = Staging(check_prefetch(prefetch) + 1, pin=True)
+        self.clock = clock
 
     def start(self, batch: HostBatch) -> tuple[DeviceBatch, torch.cuda.Event]:
         slot, host = self.staging.stage(batch)
+        timed = self.clock is not None
         with torch.cuda.stream(self.stream):
+            began = torch.cuda.Event(enable_timing=True) if timed else None
+            if began is not None:
+                began.record(self.stream)
             tensors = tuple(t.to(self.device, non_blocking=True) for t in host)
-            copied = torch.cuda.Event()
+            copied = torch.cuda.Event(enable_timing=timed)
             copied.record(self.stream)
         self.staging.staged(slot, copied)
+        if began is not None:
+            self.clock.record(began, copied, sum(t.nbytes for t in host))
         return tensors, copied
 
     def finish(self, handle: tuple[DeviceBatch, torch.cuda.Event]) -> DeviceBatch:

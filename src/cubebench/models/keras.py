@@ -30,6 +30,11 @@ from cubebench.models import EpochLoss
 ACTIVATIONS = ("relu", "silu", "tanh", "gelu")
 EPSILON = 1e-7  # Adam's epsilon, the same in both frameworks
 EVAL_BATCH = 65536  # pixels per forward pass in prediction
+# why a Keras result has no host-to-device copy time (`result["gpu"]["h2d_note"]`)
+COPY_NOTE = (
+    "not measurable: tf.data hands host tensors to Keras, whose train function copies them "
+    "to the GPU inside the step (cubebench.loading.tf); the copy is part of the step's time"
+)
 
 
 def seed_and_threads(seed: int, threads: int) -> None:
@@ -384,6 +389,7 @@ def fit_stream(
     """
     windows = isinstance(train, PatchStream)
     steps = train.steps_per_epoch()
+    context.copies.note = COPY_NOTE
     with context.phase("probe"):
         resident = resident_dataset(context.resident_batches(train))
     with context.phase("warmup"):
@@ -430,6 +436,7 @@ def fit_arrays(
     """Compile and train on in-memory arrays (a small labelled set: fine-tuning), reshuffled
     every epoch; Adam with a cosine decay over all the steps; compile and tracing booked as
     warm-up. Returns every epoch's losses."""
+    context.copies.note = COPY_NOTE
     train = array_dataset(x, y, batch_size, seed)
     validation = None if val is None else array_dataset(*val, EVAL_BATCH)
     with context.phase("warmup"):

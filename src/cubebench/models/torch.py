@@ -25,6 +25,7 @@ from torch import nn
 
 from cubebench import ranks
 from cubebench.case import Context
+from cubebench.gpu import CopyClock
 from cubebench.loading import Stream
 from cubebench.loading.torch import PREFETCH
 from cubebench.loading.torch import to_device as batches_to_device
@@ -256,10 +257,14 @@ class Trainer:
         self.samples += len(yt)
 
     def batches(
-        self, batches: Iterable[Sequence[np.ndarray]], prefetch: int = PREFETCH
+        self,
+        batches: Iterable[Sequence[np.ndarray]],
+        prefetch: int = PREFETCH,
+        clock: CopyClock | None = None,
     ) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Numpy batches as tensors on the trainer's device, `prefetch` ahead on CUDA."""
-        return batches_to_device(batches, self.device, prefetch)
+        """Numpy batches as tensors on the trainer's device, `prefetch` ahead on CUDA; the
+        copies timed into `clock` (the training loops pass `Context.copies`)."""
+        return batches_to_device(batches, self.device, prefetch, clock)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -292,13 +297,16 @@ def train_epoch(
 ) -> tuple[float, int]:
     """One epoch over the stream through `context.timed_batches` (which times the loop and the
     wait for data: here the wait for the next batch on the device, `prefetch` copied ahead on
-    CUDA). Returns (mean training MSE, samples) over all ranks; on windows the MSE of the
-    masked pixels and the samples are windows. Under DDP every rank takes the same number of
-    steps (the stream deals the samples so), or this fails: one schedule needs it."""
+    CUDA, the copies timed into `context.copies`). Returns (mean training MSE, samples) over
+    all ranks; on windows the MSE of the masked pixels and the samples are windows. Under DDP
+    every rank takes the same number of steps (the stream deals the samples so), or this
+    fails: one schedule needs it."""
     trainer.model.train()
     trainer.reset()
     steps = 0
-    ready = context.timed_batches(stream, epoch, prepare=lambda b: trainer.batches(b, prefetch))
+    ready = context.timed_batches(
+        stream, epoch, prepare=lambda b: trainer.batches(b, prefetch, context.copies)
+    )
     for batch in ready:
         trainer.step(batch)
         steps += 1
@@ -452,7 +460,9 @@ def fit_arrays(
 ) -> list[EpochLoss]:
     """Train on in-memory arrays (a small labelled set: fine-tuning), reshuffled every epoch
     by a seeded generator; Adam with a cosine decay over all the steps; a warm-up step first
-    (booked as warm-up). Returns the losses of every epoch (the caller logs them)."""
+    (booked as warm-up). The epochs' copies to the device are timed into `context.copies`
+    (training batches, as in `train_epoch`). Returns the losses of every epoch (the caller
+    logs them)."""
     x = np.ascontiguousarray(x, np.float32)
     y = np.ascontiguousarray(y, np.float32)
     decay = epochs * steps_per_epoch(len(y), batch_size)
@@ -473,7 +483,7 @@ def fit_arrays(
             (x[order[i : i + batch_size]], y[order[i : i + batch_size]])
             for i in range(0, len(y), batch_size)
         )
-        for batch in trainer.batches(shuffled):
+        for batch in trainer.batches(shuffled, clock=context.copies):
             trainer.step(batch)
         seconds = time.perf_counter() - start
         val_loss = None if val is None else evaluate(model, array_batches(*val), context.device)

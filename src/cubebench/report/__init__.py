@@ -44,6 +44,7 @@ from cubebench.report.render import (
     one_line,
     render_html,
     render_markdown,
+    shows_gpu,
     status_text,
     title,
     units_of,
@@ -208,7 +209,7 @@ class RunResults:
         frame = pd.DataFrame(rows)
         if not raw:
             data = {}
-            for c in columns(units_of(rows), task=task is None):
+            for c in columns(units_of(rows), task=task is None, gpu=shows_gpu(rows)):
                 if c.key == "status":
                     data[c.header] = [status_text(r) for r in rows]
                     continue

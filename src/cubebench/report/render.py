@@ -37,9 +37,10 @@ class Column:
     interval: str | None = None  # key of the half width shown as "± ..."
 
 
-def columns(units: str | None = "K", task: bool = False) -> list[Column]:
+def columns(units: str | None = "K", task: bool = False, gpu: bool = False) -> list[Column]:
     """The case table's columns; `units` (of the target) goes into the error headers; `task`:
-    a task column too (tables that mix tasks, as in a notebook)."""
+    a task column too (tables that mix tasks, as in a notebook); `gpu`: GPU utilisation and
+    host-to-device copy time too (`shows_gpu`)."""
     u = f" [{units}]" if units else ""
     return [
         Column("case", "case", numeric=False),
@@ -63,7 +64,20 @@ def columns(units: str | None = "K", task: bool = False) -> list[Column]:
         Column("read_amplification", "read ampl."),
         Column("ttq_seconds", TTQ_HEADER, interval="ttq_seconds_half_width"),
         Column("peak_rss_mb", "peak RSS MB"),
+        *(GPU_COLUMNS if gpu else []),
     ]
+
+
+GPU_COLUMNS = [
+    Column("gpu_util_mean_pct", "GPU util %"),
+    Column("gpu_util_p10_pct", "GPU util p10 %"),
+    Column("h2d_copy_s", "H2D copy s"),
+]
+
+
+def shows_gpu(rows: Sequence[dict]) -> bool:
+    """Whether a table of `rows` has the GPU columns: some result ran on CUDA."""
+    return any(row.get("gpu_measured") for row in rows)
 
 
 def units_of(rows: Sequence[dict]) -> str | None:
@@ -260,7 +274,16 @@ def environment_facts(env: dict | None) -> list[tuple[str, str]]:
         facts.append(("CPU", f"{cpu.get('model') or '?'}{count}"))
     gpu = env.get("gpu")
     if isinstance(gpu, dict):
-        details = [f"driver {gpu['driver']}" if gpu.get("driver") else None, gpu.get("memory")]
+        devices = gpu.get("devices") if isinstance(gpu.get("devices"), list) else []
+        capability = get(devices[0], "compute_capability") if devices else None
+        builds = gpu.get("cuda_builds") if isinstance(gpu.get("cuda_builds"), dict) else {}
+        built = ", ".join(f"{k} {v}" for k, v in builds.items() if v)
+        details = [
+            f"driver {gpu['driver']}" if gpu.get("driver") else None,
+            gpu.get("memory"),
+            f"compute capability {capability}" if capability else None,
+            f"built for CUDA: {built}" if built else None,
+        ]
         details = ", ".join(str(d) for d in details if d)
         text = f"{gpu.get('count') or 1} × {gpu.get('name') or '?'}"
         facts.append(("GPU", text + (f" ({details})" if details else "")))
@@ -288,6 +311,13 @@ STALL_LEGEND = (
     "measured inside next(batch), where the loop is ours"
 )
 READ_LEGEND = "read ampl. = decoded bytes / bytes of the cells the part covers"
+GPU_LEGEND = (
+    "GPU util % = mean of NVML's utilisation sampled during the fit, each reading the % of "
+    "time in NVML's last sample period (1/6 s to 1 s by product) in which one or more kernels "
+    "ran: busy, not full; p10 = its 10th percentile; H2D copy s = device "
+    f"time of the training batches' host-to-device copies ({MISSING} where not measurable: "
+    "Keras copies inside its step)"
+)
 
 
 def legend(rows: Sequence[dict], unit: str = "sample") -> str:
@@ -311,10 +341,11 @@ def legend(rows: Sequence[dict], unit: str = "sample") -> str:
     )
     if any(r.get("stall_method") == "estimated" for r in rows):
         text += f" ({ESTIMATED_MARK} estimated, not measured: a version 1 result)"
+    gpu = f"; {GPU_LEGEND}" if shows_gpu(rows) else ""
     return (
         f"{text}; {READ_LEGEND}; {TTQ_HEADER}: training time until the validation RMSE first "
         f"reached {TTQ_FACTOR:g} × the noise floor (MLPerf's time to quality): never = not "
-        f"reached, {MISSING} = not measured (no validation loss or no floor)."
+        f"reached, {MISSING} = not measured (no validation loss or no floor){gpu}."
     )
 
 
@@ -395,7 +426,7 @@ def md_table(headers: Sequence[str], body: Sequence[Sequence[str]], numeric: Seq
 
 def _md_section(section: TaskSection) -> list[str]:
     units = units_of(section.rows)
-    cols = columns(units)
+    cols = columns(units, gpu=shows_gpu(section.rows))
     out = [f"## {_md_escape(section_heading(section))}", ""]
     if split_line(section):
         out += [_md_escape(split_line(section)), ""]
@@ -513,7 +544,7 @@ def html_section(
     e = html.escape
     h, sub = f"h{level}", f"h{level + 1}"
     units = units_of(section.rows)
-    cols = columns(units)
+    cols = columns(units, gpu=shows_gpu(section.rows))
     classes = [str(row.get("status") or "") for row in section.rows]
     parts = [
         f"<{h}>{e(section_heading(section))}</{h}>",

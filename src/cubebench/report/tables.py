@@ -47,6 +47,9 @@ MEANS = (
     "noise_floor_rmse",
     "noise_floor_nominal",
     "transfer_gain",
+    "gpu_util_mean_pct",
+    "gpu_util_p10_pct",
+    "h2d_copy_s",
 )
 STATS = ("n", "sd", "ci95_low", "ci95_high", "half_width")
 # compared between cases: (key, label)
@@ -80,6 +83,20 @@ def _time_to_quality(result: dict) -> dict:
         "ttq_seconds": seconds,
         "ttq_samples": _int(ttq.get("samples")),
         "ttq_epoch": _int(ttq.get("epoch")),
+    }
+
+
+def _gpu(result: dict) -> dict:
+    """The gpu_* keys of a result row: `gpu_measured` where the result has a `gpu` record
+    (a cuda result), NVML's utilisation and the host-to-device copies from it."""
+    record = result.get("gpu")
+    return {
+        "gpu_measured": isinstance(record, dict),
+        "gpu_name": get(record, "name"),
+        "gpu_util_mean_pct": number(get(record, "utilisation_mean_pct")),
+        "gpu_util_p10_pct": number(get(record, "utilisation_p10_pct")),
+        "h2d_copy_s": number(get(record, "h2d_copy_s")),
+        "h2d_bytes": _int(get(record, "h2d_bytes")),
     }
 
 
@@ -134,6 +151,7 @@ def results_table(results: Sequence[dict], cases: Iterable[str] | None = None) -
                 "fit_wait_s": None if stall is None or fit_s is None else fit_s * stall,
                 "read_amplification": number(get(r, "loading", "read_amplification")),
                 "peak_rss_mb": number(get(r, "memory", "peak_rss_mb")),
+                **_gpu(r),
                 **_time_to_quality(r),
             }
         )
@@ -206,6 +224,8 @@ def _aggregate_case(case: str, group: list[dict], expected: int) -> dict:
         "split_seeds": [r.get("split_seed") for r in ok],
         "stall_method": _common(r.get("stall_method") for r in ok),
         "noise_floor_source": _common(r.get("noise_floor_source") for r in ok),
+        "gpu_measured": any(r.get("gpu_measured") for r in present),
+        "gpu_name": _common(r.get("gpu_name") for r in ok),
     }
     reached = [r for r in ok if r.get("ttq_state") == "reached"]
     row["ttq_measured"] = sum(1 for r in ok if r.get("ttq_state") is not None)
