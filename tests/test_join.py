@@ -143,3 +143,30 @@ def test_bench_gpu_runs_every_case_once_in_its_frameworks_image():
     }
     with pytest.raises(ValueError, match="unknown case"):
         gpu_plan(listing, "torch-mlp,nope")
+
+
+def test_the_report_of_a_run_joined_across_images_says_which_case_ran_in_which(tmp_path, cases_dir):
+    out = tmp_path / "results"
+    for cases in ("quick", "third"):
+        proc = run_cubebench(*_join(out, cases_dir, cases), "--no-tracking")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = out / "shared"
+    # as if each case had run in its own image (bench-gpu passes the digest; the image's
+    # environment carries its lock hash)
+    for case, digest in (("quick", "sha256:1111"), ("third", "sha256:2222")):
+        path = run_dir / f"{case}.json"
+        result = json.loads(path.read_text())
+        result["environment"]["image"] = {"digest": digest, "lock_hash": digest[-4:]}
+        path.write_text(json.dumps(result))
+    from cubebench.report import write_report
+
+    write_report(run_dir)
+    lines = [line for line in (run_dir / "report.md").read_text().splitlines() if "image" in line]
+    assert lines == [
+        "- **image**: sha256:1111 (lock 1111; numpy "
+        + json.loads((run_dir / "quick.json").read_text())["library_version"]
+        + "): quick",
+        "- **image**: sha256:2222 (lock 2222; numpy "
+        + json.loads((run_dir / "third.json").read_text())["library_version"]
+        + "): third",
+    ]

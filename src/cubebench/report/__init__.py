@@ -55,6 +55,7 @@ from cubebench.report.tables import (
     TaskSection,
     aggregate_table,
     comparison_table,
+    get,
     plot_name,
     results_table,
     summary,
@@ -133,7 +134,27 @@ def _load(run_dir: Path) -> tuple[dict, list[dict], dict | None]:
         env = next(
             (r["environment"] for r in results if isinstance(r.get("environment"), dict)), None
         )
+    images = images_used(results)
+    if env is not None and len(images) > 1:  # a run joined across images (`bench-gpu`)
+        env = {**env, "images": images}
     return manifest, results, env
+
+
+def images_used(results: list[dict]) -> list[dict]:
+    """Each image the run's cases ran in (digest, lock hash), with its cases and their
+    libraries' versions, in the order the cases come."""
+    found: dict[tuple, dict] = {}
+    for result in results:
+        image = get(result, "environment", "image") or {}
+        key = (image.get("digest"), image.get("lock_hash"))
+        entry = found.setdefault(
+            key, {"digest": key[0], "lock_hash": key[1], "cases": [], "libraries": {}}
+        )
+        if result["case"] not in entry["cases"]:
+            entry["cases"].append(result["case"])
+        if result.get("library_version"):
+            entry["libraries"][result["library"]] = result["library_version"]
+    return list(found.values())
 
 
 def _cases(manifest: dict) -> list[str] | None:

@@ -299,8 +299,14 @@ def environment_facts(env: dict | None) -> list[tuple[str, str]]:
     if env.get("platform"):
         facts.append(("platform", str(env["platform"])))
     facts.append(("git", str(env.get("git_sha") or "unknown")))
+    images = env.get("images") if isinstance(env.get("images"), list) else []
+    for image in images:  # a run joined across images: which case ran in which
+        libraries = ", ".join(f"{k} {v}" for k, v in image.get("libraries", {}).items())
+        text = f"{image.get('digest') or 'no image'} (lock {image.get('lock_hash') or '?'}"
+        text += f"; {libraries})" if libraries else ")"
+        facts.append(("image", f"{text}: {', '.join(image.get('cases', []))}"))
     digest = get(env, "image", "digest")
-    if digest:
+    if digest and not images:
         facts.append(("image", str(digest)))
     return [(k, one_line(v, 300)) for k, v in facts]
 
