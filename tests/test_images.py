@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,18 @@ def test_two_containers_join_one_run_as_bench_gpu_runs_its_images(image, tmp_pat
     assert parent.data.tags["cubebench.cases"] == "sklearn-sgd,torch-mlp"
     children = [r for r in runs if r.data.tags["cubebench.role"] == "case"]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine: nothing to say")
+def test_bench_gpu_without_a_gpu_says_so_in_one_line():
+    """No NVIDIA GPU here: `nox -s bench-gpu` stops before any container starts, saying why."""
+    proc = subprocess.run(
+        [*NOX, "-s", "bench-gpu", "--", "--cube", "synthetic:tiny"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    (line,) = [line for line in (proc.stdout + proc.stderr).splitlines() if "aborted" in line]
+    assert line.endswith("no NVIDIA GPU here (nvidia-smi finds none): use `nox -s bench-cpu`.")
