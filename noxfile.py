@@ -162,7 +162,7 @@ def asv_gate(session: nox.Session) -> None:
 
 BASE_IMAGE = "cubebench/base:bookworm-py3.11"  # made by `nox -s base-image`
 WHEELHOUSE = Path("images/wheelhouse")
-DIST = Path("images/dist")
+CONTEXT = Path("images/context")  # what `docker build` is sent: one image's files, no more
 IMAGES = {flavour: f"cubebench-{flavour}" for flavour in ("cpu", "cuda-torch", "cuda-tf")}
 # torch's CPU build lives on PyTorch's index; asked only when no other source has it (the CUDA
 # build of the cuda-torch image is PyPI's own torch wheel)
@@ -197,8 +197,8 @@ def lock_hash(flavour: str) -> str:
 
 
 def _fill_wheelhouse(session: nox.Session, flavour: str) -> None:
-    """Every wheel of the lock into images/wheelhouse/<flavour>/ (kept between builds) and the
-    cubebench wheel into images/dist/: the image build installs with `--no-index`, no network."""
+    """Every wheel of the lock into images/wheelhouse/<flavour>/ (kept between builds): the
+    image build installs with `--no-index`, no network."""
     lock = f"images/{flavour}/requirements.lock"
     wheels = WHEELHOUSE / flavour
     wheels.mkdir(parents=True, exist_ok=True)
@@ -211,8 +211,25 @@ def _fill_wheelhouse(session: nox.Session, flavour: str) -> None:
         if flavour != "cpu":
             raise
         session.run(*download, "--extra-index-url", TORCH_CPU_INDEX, silent=True)
-    shutil.rmtree(DIST, ignore_errors=True)
-    session.run("python", "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(DIST), ".")
+
+
+def _stage_context(session: nox.Session, flavour: str) -> Path:
+    """images/context/<flavour>/: the build context of one image, its lock, its wheels (hard
+    links into the wheelhouse), the cubebench wheel and cases/; the other images' GBs of
+    wheels are not sent to the Docker engine."""
+    context = CONTEXT / flavour
+    shutil.rmtree(context, ignore_errors=True)
+    (context / "wheels").mkdir(parents=True)
+    for wheel in sorted((WHEELHOUSE / flavour).glob("*.whl")):
+        try:
+            os.link(wheel, context / "wheels" / wheel.name)
+        except OSError:  # another file system
+            shutil.copy2(wheel, context / "wheels" / wheel.name)
+    shutil.copy2(f"images/{flavour}/requirements.lock", context / "requirements.lock")
+    shutil.copytree("cases", context / "cases", ignore=shutil.ignore_patterns("__pycache__"))
+    dist = str(context / "dist")
+    session.run("python", "-m", "pip", "wheel", "--no-deps", "--wheel-dir", dist, ".", silent=True)
+    return context
 
 
 def _git_sha() -> str:
@@ -230,6 +247,7 @@ def _build(session: nox.Session, flavour: str) -> None:
         base = BASE_IMAGE
     session.install("pip>=24", "setuptools>=69", "wheel")
     _fill_wheelhouse(session, flavour)
+    context = _stage_context(session, flavour)
     tag = f"{IMAGES[flavour]}:latest"
     build = ["build", "--file", "images/Dockerfile", "--tag", tag]
     build += [
@@ -243,7 +261,7 @@ def _build(session: nox.Session, flavour: str) -> None:
     if base:
         build += ["--build-arg", f"BASE_IMAGE={base}"]
     started = time.monotonic()
-    _docker(session, *build, ".", silent=False)
+    _docker(session, *build, str(context), silent=False)
     seconds = time.monotonic() - started
     size = int(_docker(session, "image", "inspect", "--format", "{{.Size}}", tag))
     session.log(
