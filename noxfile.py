@@ -205,22 +205,37 @@ def _fill_wheelhouse(session: nox.Session, flavour: str) -> None:
     download = ["python", "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     download += ["--python-version", "3.11"]  # the platform: this machine's (Linux x86_64)
     download += ["--dest", str(wheels), "-r", lock]
+    if flavour != "cpu":  # the index only: local find-links and indexes hold CPU builds
+        session.run(
+            *download, silent=True, env={"PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": ""}
+        )
+        return
     try:
         session.run(*download, silent=True)
     except nox.command.CommandFailed:  # torch's +cpu build is not on PyPI
-        if flavour != "cpu":
-            raise
         session.run(*download, "--extra-index-url", TORCH_CPU_INDEX, silent=True)
 
 
 def _stage_context(session: nox.Session, flavour: str) -> Path:
-    """images/context/<flavour>/: the build context of one image, its lock, its wheels (hard
-    links into the wheelhouse), the cubebench wheel and cases/; the other images' GBs of
-    wheels are not sent to the Docker engine."""
+    """images/context/<flavour>/: the build context of one image: its lock, the wheels of
+    exactly the lock's versions (hard links into the wheelhouse, which may hold others), the
+    cubebench wheel and cases/; the other images' GBs of wheels are not sent to the engine."""
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+    from packaging.version import Version
+
+    lock = Path(f"images/{flavour}/requirements.lock").read_text().splitlines()
+    pins = {
+        (canonicalize_name(name), Version(version.strip()))
+        for name, _, version in (line.partition("==") for line in lock)
+        if version and not name.startswith("#")
+    }
     context = CONTEXT / flavour
     shutil.rmtree(context, ignore_errors=True)
     (context / "wheels").mkdir(parents=True)
     for wheel in sorted((WHEELHOUSE / flavour).glob("*.whl")):
+        name, version, *_ = parse_wheel_filename(wheel.name)
+        if (name, version) not in pins:  # another version (torch 2.13.0+cpu for 2.13.0)
+            continue
         try:
             os.link(wheel, context / "wheels" / wheel.name)
         except OSError:  # another file system

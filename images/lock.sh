@@ -40,14 +40,20 @@ case $flavour in
     PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS='' python3.11 -m pip install --dry-run \
       --ignore-installed --quiet --report "$work/report.json" -c "$work/constraints.txt" \
       '.[sklearn,track]' "${wanted[@]}"
+    # + the CPU lock's pip, setuptools and wheel, which the venv has and a report leaves out
     { echo "$header"; python3.11 -c '
 import json, sys
 report = json.load(open(sys.argv[1]))
-pins = sorted(
-    (i["metadata"]["name"], i["metadata"]["version"])
+pins = {
+    i["metadata"]["name"]: i["metadata"]["version"]
     for i in report["install"] if i["metadata"]["name"] != "cubebench"
-)
-print("\n".join(f"{name}=={version}" for name, version in pins))' "$work/report.json"; } >"$out"
+}
+for line in open(sys.argv[2]):
+    name, _, version = line.strip().partition("==")
+    if name in ("pip", "setuptools", "wheel"):
+        pins.setdefault(name, version)
+print("\n".join(f"{name}=={version}" for name, version in sorted(pins.items())))' \
+      "$work/report.json" images/cpu/requirements.lock; } >"$out"
     ;;
   *) echo "images/lock.sh: cpu, cuda-torch or cuda-tf, not $flavour" >&2; exit 2 ;;
 esac

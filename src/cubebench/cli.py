@@ -321,6 +321,7 @@ RUN_SETTINGS = (
     "vary_split",
     "split",
     "buffer",
+    "param",
     "run_id",
 )
 
@@ -330,12 +331,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from cubebench.discovery import discover
     from cubebench.progress import SuiteProgress
     from cubebench.report import write_report
-    from cubebench.runner import claim_run_dir, hold_run, jobs, join_run_dir, run_suite
+    from cubebench.runner import (
+        claim_run_dir,
+        hold_run,
+        jobs,
+        join_run_dir,
+        run_suite,
+        variants_of,
+    )
     from cubebench.tracking import SuiteTracker
 
     available = discover(args.cases_dir)
     options = _storage_options(args.storage_option)
     settings = _run_settings(args, available)
+    names = list(variants_of(settings["cases"], available, settings["params"]))  # bad --param
     cube = open_cube(settings["cube"], storage_options=options)  # a bad cube fails here
     splits = range(settings["repeat"]) if settings["vary_split"] else range(1)
     tasks = {available[name][1].task for name in settings["cases"]}
@@ -349,12 +358,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_dir = claim_run_dir(args.out, args.run_id)
     if not args.join:
         again = f"resume with `cubebench run --resume {run_dir.name} --out {args.out}`"
-    cases = settings["cases"]
     tracker = None if args.no_tracking else SuiteTracker(run_dir, args.experiment)
     try:
         with (
             hold_run(run_dir, wait=bool(args.join)),
-            SuiteProgress(jobs(cases, settings["repeat"])) as progress,
+            SuiteProgress(jobs(names, settings["repeat"])) as progress,
         ):
             if tracker:
                 tracker.warn_with(progress.warn)
@@ -390,7 +398,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"results: {run_dir}")
     print(f"report:  {next((p for p in paths if p.suffix == '.md'), run_dir)}")
     if tracker:
-        line, warning = tracker.summary(cases)
+        line, warning = tracker.summary(names)
         print(line, file=sys.stderr if warning else sys.stdout)
     for outcome in failed:
         print(f"failed:  {outcome.name}: {outcome.reason}", file=sys.stderr)
@@ -419,6 +427,7 @@ def _run_settings(args: argparse.Namespace, available: dict) -> dict:
             "vary_split": args.vary_split,
             "split": args.split,
             "buffer": args.buffer,
+            "params": args.param or [],
         }
     defaults = vars(build_parser().parse_args(["run"]))
     given = [k for k in RUN_SETTINGS if getattr(args, k) != defaults[k]]
@@ -650,6 +659,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --repeat: the task's split seed moves with the repeat too",
     )
     _add_split_args(p)
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="CASE.KEY=V[,V...]",
+        help="override a parameter of the cases CASE matches (a glob: '*.batch_size=1024'); "
+        "several values, or several --param for one case: every combination runs, as "
+        "variants named CASE[KEY=V,...]",
+    )
     p.add_argument("--run-id", help="name of the run (default: date-time-random)")
     p.add_argument(
         "--resume",

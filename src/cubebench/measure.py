@@ -299,6 +299,7 @@ def run_case(
     cube: Any,
     *,
     run_id: str,
+    name: str | None = None,
     params: dict | None = None,
     device: str = "auto",
     seed: int = 0,
@@ -320,7 +321,8 @@ def run_case(
     `cube`: a spec for `open_cube` or an opened dataset; `task`: an already prepared task of
     the case's task (saves preparing it again); `split_seed`: the task's split seed (None:
     the task's own); `split`, `buffer`: the command line's (`task.with_split`); `seed`: model
-    initialisation and sample order."""
+    initialisation and sample order; `name`: the result's case name, the class's unless a
+    variant (`case[key=value]`, `cubebench.grid`) runs."""
     from cubebench.cube import open_cube
     from cubebench.task import get_task, prepare_task, with_split
 
@@ -332,7 +334,7 @@ def run_case(
     base_split = get_task(cls.task).seed
     result = results.new_result(
         run_id=run_id,
-        case=cls.name,
+        case=name or cls.name,
         library=cls.library,
         library_version=library_version(cls.library),
         task=cls.task,

@@ -237,6 +237,9 @@ def resume_settings(out: Path, run_id: str) -> dict[str, Any]:
     settings["vary_split"] = manifest.get("vary_split", False)
     settings["split"] = manifest.get("split")  # ... and before `--split`, the tasks' own
     settings["buffer"] = manifest.get("buffer")
+    settings["params"] = manifest.get("params") or []  # ... and before `--param`, none
+    if manifest.get("variants"):  # `cases` lists the variants: their cases are what runs
+        settings["cases"] = list(dict.fromkeys(v[0] for v in manifest["variants"].values()))
     return settings
 
 
@@ -295,6 +298,7 @@ def run_suite(
     storage_options: dict | None = None,
     progress: Progress | None = None,
     tracker: SuiteTracker | None = None,
+    params: list[str] | None = None,
     resume: bool = False,
     join: bool = False,
 ) -> list[CaseOutcome]:
@@ -326,12 +330,15 @@ def run_suite(
         "split": split,
         "buffer": buffer,
         "timeout_s": timeout,
+        "params": list(params or []),
     }
+    variants = variants_of(cases, available, params)
+    names = list(variants)  # the jobs: each variant of each case
     joining = join and manifest_path.is_file()
     if joining:
-        manifest = _joined(results.read_json(manifest_path), settings, cases)
+        manifest = _joined(results.read_json(manifest_path), settings, names)
         changed = _environment_changes(results.read_environment(run_dir), environment)
-        joined = {"at": results.now(), "cases": cases, "environment_changed": changed}
+        joined = {"at": results.now(), "cases": names, "environment_changed": changed}
         manifest["joined"] = [*manifest.get("joined", []), joined]
         manifest.update(status="running", finished_at=None)
     elif resume:
@@ -344,19 +351,23 @@ def run_suite(
         results.write_json_atomic(run_dir / results.ENVIRONMENT, environment)
         manifest = {
             "run_id": run_id,
-            "cases": cases,
+            "cases": names,
             **settings,
             "started_at": results.now(),
             "finished_at": None,
             "status": "running",
             "outcomes": {},
         }
+    manifest["variants"] = {
+        **manifest.get("variants", {}),
+        **{n: [case, overrides] for n, (case, overrides) in variants.items()},
+    }
     results.write_json_atomic(manifest_path, manifest)
     if tracker:
         tracker.suite_started(manifest, environment)
-    todo = jobs(cases, repeat)
+    todo = jobs(names, repeat)
     done = finished_jobs(run_dir, todo) if resume or joining else {}
-    seeds = {c: split_seeds(available[c][1], repeat, vary_split) for c in cases}
+    seeds = {n: split_seeds(available[c][1], repeat, vary_split) for n, (c, _) in variants.items()}
     outcomes = []
     try:
         for case, r in todo:
@@ -365,11 +376,13 @@ def run_suite(
             if name in done:
                 outcome = done[name]
             else:
+                base, overrides = variants[case]
                 outcome = _run_one(
                     case,
                     r,
                     seeds[case][r],
-                    available[case],
+                    available[base],
+                    overrides,
                     cube,
                     run_dir,
                     manifest,
@@ -392,12 +405,24 @@ def run_suite(
     return outcomes
 
 
+def variants_of(
+    cases: list[str], available: dict[str, tuple[Path, type[Case]]], params: list[str] | None
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """variant name -> (case, parameter overrides) of the selected cases under `--param`
+    (`cubebench.grid`); without it each case is its one variant, named as the case."""
+    from cubebench.grid import ParamValues, expand
+
+    grid = [ParamValues.parse(text) for text in params or []]
+    return expand(cases, {name: cls.parameters for name, (_, cls) in available.items()}, grid)
+
+
 def _joined(manifest: dict, settings: dict, cases: list[str]) -> dict:
     """The manifest of a run that `cases` join: its settings must be theirs (one run, one set
     of settings, whatever image each case runs in)."""
-    differ = [k for k, v in settings.items() if manifest.get(k) != v]
+    recorded = {"params": [], **manifest}  # runs from before `--param` had none
+    differ = [k for k, v in settings.items() if recorded.get(k) != v]
     if differ:
-        given = ", ".join(f"{k}={settings[k]!r} (run: {manifest.get(k)!r})" for k in differ)
+        given = ", ".join(f"{k}={settings[k]!r} (run: {recorded.get(k)!r})" for k in differ)
         raise CubebenchError(
             f"run {manifest['run_id']!r} has other settings: {given}; join it with its own"
         )
@@ -412,6 +437,7 @@ def _run_one(
     repeat: int,
     split_seed: int | None,
     found: tuple[Path, type[Case]],
+    overrides: dict[str, Any],
     cube: str,
     run_dir: Path,
     manifest: dict,
@@ -432,7 +458,7 @@ def _run_one(
         "case_path": str(path.resolve()),
         "library": cls.library,
         "task": cls.task,
-        "params": {**cls.parameters, **params},
+        "params": {**cls.parameters, **params, **overrides},
         "cube": cube,  # the manifest's copy is scrubbed of credentials
         "device": manifest["device"],
         "seed": manifest["seed"] + repeat,

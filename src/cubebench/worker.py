@@ -62,6 +62,7 @@ def run(spec: dict) -> dict:
         cls,
         spec["cube"],
         run_id=spec["run_id"],
+        name=spec["case"],  # a variant's own name under `--param`
         params=spec.get("params", {}),
         device=spec["device"],
         seed=int(spec["seed"]),
