@@ -496,6 +496,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from cubebench.compare import write_compare
+
+    for path in write_compare(args.run_dirs, args.out, args.by, args.force):
+        print(path)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cubebench.compare import export_parquet
+
+    rows = export_parquet(args.run_dirs, args.parquet)
+    print(f"{args.parquet}: {rows} results")
+    return 0
+
+
 def _print_summary(summary: dict) -> None:
     width = max(len(k) for k in summary)
     for key, value in summary.items():
@@ -699,6 +715,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.md, report.html and plots for a run")
     p.add_argument("run_dir", type=Path)
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "compare",
+        help="runs side by side (CPU vs GPU image, two machines, two layouts): compare.md, "
+        "compare.html, compare.json",
+    )
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    p.add_argument("--by", choices=("case", "library", "device", "image"), default="case")
+    p.add_argument("--out", type=Path, required=True, help="where the comparison goes")
+    p.add_argument(
+        "--force", action="store_true", help="compare runs whose task, cube or split differ"
+    )
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("export", help="the results of runs as one flat table (Parquet)")
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    p.add_argument("--parquet", type=Path, required=True, metavar="FILE")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
