@@ -289,6 +289,25 @@ class Case:
     # trains with torch DDP under `cubebench run --nproc N` (its loops reduce across ranks)
     distributed: ClassVar[bool] = False
 
+    @classmethod
+    def fits(cls, spec: Any) -> str | None:
+        """Why this case cannot solve the task `spec` (a TaskSpec), or None when it can.
+        `task` is the case's default; what it solves follows from it: the same sample
+        geometry (pixels or windows), and a region (transfer) split exactly when its own task
+        has one. Any inputs and target: models size themselves from the task."""
+        from cubebench.task import get_task
+
+        own = get_task(cls.task)
+        unit = {"pixel": "pixel", "patch": "window"}
+        if spec.geometry != own.geometry:
+            return f"solves {unit[own.geometry]} tasks, not {unit[spec.geometry]} tasks"
+        transfer, wanted = own.split.kind == "region", spec.split.kind == "region"
+        if transfer and not wanted:
+            return "needs a region (transfer) split: [transfer] source and target boxes"
+        if wanted and not transfer:
+            return "does not transfer: a region split is for the transfer cases"
+        return None
+
     def __init__(self, context: Context):
         self.context = context
         # the defaults under the overrides; the context (batch size of its streams) sees the same

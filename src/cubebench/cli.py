@@ -106,6 +106,40 @@ def _add_split_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_task_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument(
+        "--task",
+        default=default,
+        metavar="NAME|PATH",
+        help="a built-in task (`cubebench tasks`) or a task file (.toml)"
+        + (f" (default: {default})" if default else " (default: each case's own)"),
+    )
+    p.add_argument("--inputs", type=_names, metavar="VAR[,VAR...]", help="the task's inputs")
+    p.add_argument("--target", metavar="VAR", help="the task's target variable")
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one variable name")
+    return names
+
+
+def _task_choice(args: argparse.Namespace) -> dict | None:
+    """The command line's task: `--task` (its file's text kept, so that the run is
+    self-contained), `--inputs`, `--target`; None when none is given."""
+    from cubebench.taskfiles import builtin_files, load_task
+
+    if not (args.task or args.inputs or args.target):
+        return None
+    choice: dict = {"task": args.task, "toml": None, "inputs": args.inputs, "target": args.target}
+    if args.task:
+        _, text = load_task(args.task)
+        if args.task not in builtin_files():
+            choice.update(task=str(Path(args.task).resolve()), toml=text)
+    return choice
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -190,15 +224,16 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from cubebench.cube import open_cube
     from cubebench.task import (
         Box,
-        get_task,
         parse_fractions,
         parse_time_range,
         prepare_task,
+        task_for,
         with_split,
     )
 
-    spec = get_task(
+    spec = task_for(
         args.task,
+        _task_choice(args),
         seed=args.seed,
         region=Box.parse(args.region) if args.region else None,
         time_range=parse_time_range(args.time) if args.time else None,
@@ -221,11 +256,11 @@ def _cmd_bench_loader(args: argparse.Namespace) -> int:
 
     from cubebench.cube import open_cube
     from cubebench.loading.bench import bench_loader, emulate, sweep
-    from cubebench.task import get_task, prepare_task, with_split
+    from cubebench.task import prepare_task, task_for, with_split
     from cubebench.windows import Patch
 
     options = _storage_options(args.storage_option)
-    spec = with_split(get_task(args.task), args.split, args.buffer)
+    spec = with_split(task_for(args.task, _task_choice(args)), args.split, args.buffer)
     if args.patch and args.geometry == "pixel":
         raise CubebenchError("--patch sets windows: it does not go with --geometry pixel")
     if args.patch:
@@ -285,6 +320,30 @@ def _print_scaling_line(row: dict) -> None:
     print(line, flush=True)
 
 
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from cubebench.taskfiles import builtin_files, load_task
+
+    rows = []
+    for name, path in sorted(builtin_files().items()):
+        spec, _ = load_task(name)
+        rows.append(
+            {
+                "task": name,
+                "inputs": ",".join(spec.inputs),
+                "target": spec.target,
+                "samples": "pixels" if spec.patch is None else "windows",
+                "split": str(spec.split),
+                "file": str(path),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for row in rows:
+        print("  ".join(str(v) for v in row.values()))
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from cubebench.discovery import discover
 
@@ -322,6 +381,9 @@ RUN_SETTINGS = (
     "split",
     "buffer",
     "param",
+    "task",
+    "inputs",
+    "target",
     "run_id",
 )
 
@@ -339,6 +401,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_suite,
         variants_of,
     )
+    from cubebench.task import task_for
     from cubebench.tracking import SuiteTracker
 
     available = discover(args.cases_dir)
@@ -347,8 +410,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     names = list(variants_of(settings["cases"], available, settings["params"]))  # bad --param
     cube = open_cube(settings["cube"], storage_options=options)  # a bad cube fails here
     splits = range(settings["repeat"]) if settings["vary_split"] else range(1)
-    tasks = {available[name][1].task for name in settings["cases"]}
+    tasks = [task_for(available[c][1].task, settings["task_choice"]) for c in settings["cases"]]
     _preflight(cube, tasks, splits, settings["split"], settings["buffer"])
+    if args.cases == "all":
+        for case, why in _unfit(available, list(available), args).items():
+            print(f"not run: {case}: {why}", file=sys.stderr)
     if args.join:
         run_dir = join_run_dir(args.out, args.join)
         again = "run the same command again (--join skips the cases with a result)"
@@ -416,7 +482,7 @@ def _run_settings(args: argparse.Namespace, available: dict) -> dict:
     if not args.resume:
         return {
             "cube": args.cube,
-            "cases": select(available, args.cases),
+            "cases": _fitting(available, select(available, args.cases), args),
             "device": args.device,
             "epochs": args.epochs,
             "seed": args.seed,
@@ -428,6 +494,7 @@ def _run_settings(args: argparse.Namespace, available: dict) -> dict:
             "split": args.split,
             "buffer": args.buffer,
             "params": args.param or [],
+            "task_choice": _task_choice(args),
         }
     defaults = vars(build_parser().parse_args(["run"]))
     given = [k for k in RUN_SETTINGS if getattr(args, k) != defaults[k]]
@@ -439,31 +506,58 @@ def _run_settings(args: argparse.Namespace, available: dict) -> dict:
     return settings
 
 
+def _unfit(available: dict, cases: list[str], args: argparse.Namespace) -> dict[str, str]:
+    """With `--task`, the selected cases that cannot solve it, with the reason."""
+    from cubebench.task import task_for
+
+    choice = _task_choice(args)
+    if not choice or not choice["task"] or args.resume:
+        return {}
+    spec = task_for(choice["task"], choice)
+    return {c: f"it {why} ({spec.name})" for c in cases if (why := available[c][1].fits(spec))}
+
+
+def _fitting(available: dict, cases: list[str], args: argparse.Namespace) -> list[str]:
+    """With `--task`, the selected cases that can solve it (with `--cases all` the others are
+    left out, and listed once the task is known to be good); named ones that cannot are a
+    mistake (one line)."""
+    unfit = _unfit(available, cases, args)
+    if unfit and args.cases != "all":
+        case, why = next(iter(unfit.items()))
+        raise CubebenchError(f"case {case} cannot run the task: {why}")
+    fitting = [c for c in cases if c not in unfit]
+    if not fitting:
+        raise CubebenchError(f"no case can run the task: {next(iter(unfit.values()))}")
+    return fitting
+
+
 def _preflight(
     cube,
-    tasks: set[str],
+    tasks: list,
     splits: range = range(1),
     split: str | None = None,
     buffer: int | None = None,
 ) -> None:
-    """Prepare every task once (with every split seed the repeats will use) before any case
-    starts: a variable the cube lacks, a region without valid samples or too few blocks for a
-    split, a date outside the cube is one line now, not the same failure in every case. An
-    unreadable chunk and other problems are left to the cases that meet them (each says which)."""
-    from cubebench.errors import ChunkReadError
-    from cubebench.task import get_task, prepare_task, with_split
+    """Prepare every task (TaskSpec) once (with every split seed the repeats will use) before
+    any case starts: a variable the cube lacks, a region without valid samples or too few
+    blocks for a split, a date outside the cube is one line now, not the same failure in every
+    case. An unreadable chunk and other problems are left to the cases that meet them (each
+    says which)."""
+    from dataclasses import replace
 
-    for name in sorted(tasks):
+    from cubebench.errors import ChunkReadError
+    from cubebench.task import prepare_task, with_split
+
+    for spec in dict.fromkeys(tasks):
         for offset in splits:
-            spec = get_task(name)
             try:
-                chosen = with_split(get_task(name, seed=spec.seed + offset), split, buffer)
+                chosen = with_split(replace(spec, seed=spec.seed + offset), split, buffer)
                 prepare_task(chosen, cube)
             except ChunkReadError:
                 pass
             except CubebenchError as error:
                 seed = f" (split seed {spec.seed + offset})" if offset else ""
-                raise CubebenchError(f"task {name}{seed}: {error}") from None
+                raise CubebenchError(f"task {spec.name}{seed}: {error}") from None
             except Exception:
                 pass
 
@@ -578,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="prepare a task on a cube and print its summary")
     _add_cube_args(p)
-    p.add_argument("--task", default="lst-from-t2m")
+    _add_task_args(p, "lst-from-t2m")
     p.add_argument("--seed", type=int, default=None, help="split seed (default: the task's)")
     p.add_argument("--region", metavar="LAT0,LAT1[,LON0,LON1]", help="restrict to a box")
     p.add_argument("--time", metavar="START,END", help="restrict to a date range")
@@ -590,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench-loader", help="loader throughput vs raw decode, and its costs")
     _add_cube_args(p)
-    p.add_argument("--task", default="lst-from-t2m")
+    _add_task_args(p, "lst-from-t2m")
     p.add_argument("--part", default="train")
     _add_split_args(p)
     p.add_argument(
@@ -638,6 +732,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_bench_loader)
 
+    p = sub.add_parser("tasks", help="list the built-in tasks (task files)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=_cmd_tasks)
+
     p = sub.add_parser("list", help="list the cases")
     p.add_argument("--cases-dir", type=Path, help="where case files live (default: cases/)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
@@ -645,7 +743,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the cases, each in its own process, then the report")
     _add_cube_args(p)
-    p.add_argument("--cases", default="all", help="comma-separated case names, or all")
+    p.add_argument(
+        "--cases",
+        default="all",
+        help="comma-separated case names, or all (with --task: all that fit the task)",
+    )
+    _add_task_args(p, None)
     p.add_argument("--cases-dir", type=Path, help="where case files live (default: cases/)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument("--epochs", type=_positive(int), help="override every case's epochs")

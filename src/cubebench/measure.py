@@ -300,6 +300,7 @@ def run_case(
     *,
     run_id: str,
     name: str | None = None,
+    task_choice: dict | None = None,
     params: dict | None = None,
     device: str = "auto",
     seed: int = 0,
@@ -322,22 +323,24 @@ def run_case(
     the case's task (saves preparing it again); `split_seed`: the task's split seed (None:
     the task's own); `split`, `buffer`: the command line's (`task.with_split`); `seed`: model
     initialisation and sample order; `name`: the result's case name, the class's unless a
-    variant (`case[key=value]`, `cubebench.grid`) runs."""
+    variant (`case[key=value]`, `cubebench.grid`) runs; `task_choice`: the run's `--task`,
+    `--inputs`, `--target` (`task.task_for`), else the case's own task."""
     from cubebench.cube import open_cube
-    from cubebench.task import get_task, prepare_task, with_split
+    from cubebench.task import prepare_task, task_for, with_split
 
     started = time.perf_counter()
     random.seed(seed)
     np.random.seed(seed)
     params = {**cls.parameters, **(params or {})}
     spec = cube if isinstance(cube, str) else cube.attrs.get("cubebench_source", "dataset")
-    base_split = get_task(cls.task).seed
+    chosen = task_for(cls.task, task_choice)
+    base_split = chosen.seed
     result = results.new_result(
         run_id=run_id,
         case=name or cls.name,
         library=cls.library,
         library_version=library_version(cls.library),
-        task=cls.task,
+        task=chosen.name,
         params=params,
         seed=seed,
         split_seed=base_split if split_seed is None else split_seed,
@@ -358,10 +361,10 @@ def run_case(
         on_phase("preparing the task")
         if task is None:
             dataset = open_cube(cube, storage_options) if isinstance(cube, str) else cube
-            spec = with_split(get_task(cls.task, seed=split_seed), split, buffer)
+            spec = with_split(task_for(cls.task, task_choice, seed=split_seed), split, buffer)
             task = prepare_task(spec, dataset)
-        elif task.spec.name != cls.task:
-            raise ValueError(f"{cls.name} runs task {cls.task!r}, not {task.spec.name!r}")
+        elif task.spec.name != chosen.name:
+            raise ValueError(f"{cls.name} runs task {chosen.name!r}, not {task.spec.name!r}")
         result["split_seed"] = task.spec.seed
         result["split"] = str(task.spec.split)
         result["cube"].update(fingerprint=task.fingerprint, chunk_shape=list(task.chunk_shape))

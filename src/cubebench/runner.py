@@ -28,6 +28,7 @@ from cubebench.errors import CubebenchError
 from cubebench.locks import file_lock
 from cubebench.processes import RUNNER_PID_ENV, STORAGE_OPTIONS_ENV, exit_reason, worker_env
 from cubebench.redact import scrub
+from cubebench.task import task_for
 from cubebench.tracking import SuiteTracker
 
 
@@ -238,6 +239,7 @@ def resume_settings(out: Path, run_id: str) -> dict[str, Any]:
     settings["split"] = manifest.get("split")  # ... and before `--split`, the tasks' own
     settings["buffer"] = manifest.get("buffer")
     settings["params"] = manifest.get("params") or []  # ... and before `--param`, none
+    settings["task_choice"] = manifest.get("task_choice")
     if manifest.get("variants"):  # `cases` lists the variants: their cases are what runs
         settings["cases"] = list(dict.fromkeys(v[0] for v in manifest["variants"].values()))
     return settings
@@ -268,14 +270,16 @@ def _environment_changes(before: dict, after: dict) -> list[str]:
     return [k for k in keys if before.get(k) != after.get(k)]
 
 
-def split_seeds(cls: type[Case], repeat: int, vary_split: bool) -> list[int | None]:
+def split_seeds(
+    cls: type[Case], repeat: int, vary_split: bool, task_choice: dict | None = None
+) -> list[int | None]:
     """The split seed of each repeat: the task's own every time (None), or with `vary_split`
     the task's seed + repeat."""
     if not vary_split:
         return [None] * repeat
-    from cubebench.task import get_task
+    from cubebench.task import task_for
 
-    base = get_task(cls.task).seed
+    base = task_for(cls.task, task_choice).seed
     return [base + r for r in range(repeat)]
 
 
@@ -299,6 +303,7 @@ def run_suite(
     progress: Progress | None = None,
     tracker: SuiteTracker | None = None,
     params: list[str] | None = None,
+    task_choice: dict | None = None,
     resume: bool = False,
     join: bool = False,
 ) -> list[CaseOutcome]:
@@ -331,6 +336,7 @@ def run_suite(
         "buffer": buffer,
         "timeout_s": timeout,
         "params": list(params or []),
+        "task_choice": task_choice or None,
     }
     variants = variants_of(cases, available, params)
     names = list(variants)  # the jobs: each variant of each case
@@ -367,7 +373,10 @@ def run_suite(
         tracker.suite_started(manifest, environment)
     todo = jobs(names, repeat)
     done = finished_jobs(run_dir, todo) if resume or joining else {}
-    seeds = {n: split_seeds(available[c][1], repeat, vary_split) for n, (c, _) in variants.items()}
+    seeds = {
+        n: split_seeds(available[c][1], repeat, vary_split, task_choice)
+        for n, (c, _) in variants.items()
+    }
     outcomes = []
     try:
         for case, r in todo:
@@ -419,7 +428,7 @@ def variants_of(
 def _joined(manifest: dict, settings: dict, cases: list[str]) -> dict:
     """The manifest of a run that `cases` join: its settings must be theirs (one run, one set
     of settings, whatever image each case runs in)."""
-    recorded = {"params": [], **manifest}  # runs from before `--param` had none
+    recorded = {"params": [], "task_choice": None, **manifest}  # runs from before these
     differ = [k for k, v in settings.items() if recorded.get(k) != v]
     if differ:
         given = ", ".join(f"{k}={settings[k]!r} (run: {recorded.get(k)!r})" for k in differ)
@@ -457,7 +466,8 @@ def _run_one(
         "repeat": repeat,
         "case_path": str(path.resolve()),
         "library": cls.library,
-        "task": cls.task,
+        "task": task_for(cls.task, manifest.get("task_choice")).name,
+        "task_choice": manifest.get("task_choice"),
         "params": {**cls.parameters, **params, **overrides},
         "cube": cube,  # the manifest's copy is scrubbed of credentials
         "device": manifest["device"],
@@ -472,9 +482,7 @@ def _run_one(
         "result_path": str(run_dir / f"{name}.json"),
     }
     if spec["split_seed"] is None:  # the result records the seed of the split it was scored on
-        from cubebench.task import get_task
-
-        spec["split_seed"] = get_task(cls.task).seed
+        spec["split_seed"] = task_for(cls.task, manifest.get("task_choice")).seed
     if progress:
         progress(name, {"event": "start"})
     if tracker:

@@ -224,25 +224,34 @@ class TaskSpec:
                 raise TaskError("the patch geometry has no region (transfer) split")
 
 
-# The reference use case of the DeepESDL ML toolkits.
-TASKS: dict[str, TaskSpec] = {
-    "lst-from-t2m": TaskSpec(),
-    "lst-from-t2m-transfer": TaskSpec(
-        name="lst-from-t2m-transfer",
-        split="region",
-        source_box=Box(20.0, 70.0),
-        target_box=Box(-60.0, -10.0),
-    ),
-    # fill LST gaps in 16 x 16 windows from air temperature and the visible LST around them;
-    # blocks of 4 x 4 windows (64 pixels, from index 0 like the windows) hold whole windows
-    "lst-gapfill": TaskSpec(name="lst-gapfill", patch=Patch(), split=Split(space_block="64px")),
-}
+def builtin_tasks() -> dict[str, TaskSpec]:
+    """The tasks shipped as files in `cubebench/tasks/` (`cubebench.taskfiles`)."""
+    from cubebench.taskfiles import builtin_files, load_task
+
+    return {name: load_task(name)[0] for name in sorted(builtin_files())}
 
 
 def get_task(name: str, **overrides: object) -> TaskSpec:
-    if name not in TASKS:
-        raise TaskError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
-    return replace(TASKS[name], **{k: v for k, v in overrides.items() if v is not None})
+    """A built-in task by name, or a task file by path, with `overrides` of its fields."""
+    from cubebench.taskfiles import load_task
+
+    spec, _ = load_task(name)
+    return replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def task_for(default: str, choice: dict | None = None, **overrides: object) -> TaskSpec:
+    """The task a case runs: the run's choice (`--task` NAME|PATH, `--inputs`, `--target`:
+    keys `task`, `toml` (the file's text), `inputs`, `target`) where given, else the case's
+    own `default`; `overrides`: more fields (the split seed)."""
+    choice = choice or {}
+    inputs = choice.get("inputs")
+    changes = {"inputs": tuple(inputs) if inputs else None, "target": choice.get("target")}
+    changes = {k: v for k, v in {**changes, **overrides}.items() if v is not None}
+    if choice.get("toml"):  # a run keeps its task file's text: resumed, it is the same task
+        from cubebench.taskfiles import spec_from_toml
+
+        return replace(spec_from_toml(choice["toml"], f"task file {choice.get('task')}"), **changes)
+    return get_task(choice.get("task") or default, **changes)
 
 
 def with_split(spec: TaskSpec, split: str | None = None, buffer: int | None = None) -> TaskSpec:

@@ -225,6 +225,7 @@ def suite_params(manifest: dict) -> dict[str, str]:
     keys = ("cube", "device", "epochs", "seed", "threads", "nproc", "timeout_s")
     keys += ("repeat", "vary_split")
     values = scrub_tree({k: manifest.get(k) for k in keys})
+    values["task"] = (manifest.get("task_choice") or {}).get("task") or "each case's own"
     return {k: ",".join(v) if isinstance(v, list) else str(v) for k, v in values.items()}
 
 

@@ -63,6 +63,7 @@ def run(spec: dict) -> dict:
         spec["cube"],
         run_id=spec["run_id"],
         name=spec["case"],  # a variant's own name under `--param`
+        task_choice=spec.get("task_choice"),
         params=spec.get("params", {}),
         device=spec["device"],
         seed=int(spec["seed"]),

@@ -416,9 +416,9 @@ def sample_unit(task: str | None) -> str:
     """What one sample of `task` is: "pixel", "window" (patch tasks), or "sample" when the
     task is unknown to this cubebench (a renamed task in an old run)."""
     try:
-        from cubebench.task import TASKS
+        from cubebench.task import get_task
 
-        spec = TASKS[str(task)]
+        spec = get_task(str(task))
         return "pixel" if spec.geometry == "pixel" else "window"
     except Exception:  # the report must render whatever the task registry does
         return "sample"
