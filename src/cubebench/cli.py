@@ -548,7 +548,7 @@ def _preflight(
     from cubebench.errors import ChunkReadError
     from cubebench.task import prepare_task, with_split
 
-    for spec in dict.fromkeys(tasks):
+    for spec in sorted(dict.fromkeys(tasks), key=lambda spec: spec.name):
         for offset in splits:
             try:
                 chosen = with_split(replace(spec, seed=spec.seed + offset), split, buffer)

@@ -275,10 +275,25 @@ class _DirectLayout:
         except FileNotFoundError:  # never written: the fill value
             out.fill(self.fill_value)
         else:
+            if getattr(self.codec, "codec_id", None) == "blosc":
+                _check_blosc(data, out.nbytes)
             decoded = self.codec.decode(data, out=out)
             if decoded is not out:  # a codec that ignores `out`
                 out[...] = np.frombuffer(decoded, self.dtype).reshape(self.chunks)
         return out if self.dtype.isnative else out.astype(self.dtype.newbyteorder("="))
+
+
+def _check_blosc(data: bytes, nbytes: int) -> None:
+    """A blosc buffer whose header disagrees with its length or the chunk's size: blosc may
+    decode a truncated buffer past its end without an error (undefined), so say it here."""
+    if len(data) < 16:
+        raise ValueError(f"blosc buffer of {len(data)} bytes: shorter than its header")
+    size, stored = int.from_bytes(data[4:8], "little"), int.from_bytes(data[12:16], "little")
+    if stored != len(data) or size != nbytes:
+        raise ValueError(
+            f"blosc buffer of {len(data)} bytes; its header says {stored} bytes holding {size}, "
+            f"the chunk is {nbytes}: truncated or corrupt"
+        )
 
 
 def _direct_layout(path: str) -> _DirectLayout | None:
