@@ -16,6 +16,8 @@ from cubebench import results
 from fake_cases import mean_case
 from run_cli import run_cubebench
 
+pytestmark = pytest.mark.slow  # three suites with repeats
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
