@@ -29,14 +29,16 @@ FAST = "not docker and not server and not slow"  # the tier of `tests-fast`
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Every test, against real servers on loopback (S3 emulator, dask clusters, mlflow
-    server) and a real Docker engine. As root, `images/ensure-docker.sh` starts one
-    (installing Debian's docker.io when none runs); otherwise the Docker tests are skipped,
-    with the reason, unless CUBEBENCH_REQUIRE_DOCKER=1 (CI) makes a missing engine a failure.
-    Arguments after `--` go to pytest."""
+    server), a real Docker engine and Debian's headless chromium. As root,
+    `images/ensure-docker.sh` starts an engine (installing Debian's docker.io when none runs)
+    and `tests/ensure-chromium.sh` installs chromium; otherwise those tests are skipped, with
+    the reason, unless CUBEBENCH_REQUIRE_DOCKER=1 / CUBEBENCH_REQUIRE_BROWSER=1 (CI) make a
+    missing one a failure. Arguments after `--` go to pytest."""
     if os.geteuid() == 0:
         session.run("bash", "images/ensure-docker.sh", external=True)
+        session.run("bash", "tests/ensure-chromium.sh", external=True)
     else:
-        session.log("not root: no Docker engine is installed or started here (see the skips)")
+        session.log("not root: no Docker engine or chromium is installed here (see the skips)")
     session.install("-e", ".[dev,sklearn,boost,torch,tf,track]")
     session.run("pytest", *session.posargs)
 

@@ -31,9 +31,10 @@ def tiny_task(tiny):
     return prepare_task(get_task("lst-from-t2m"), tiny)
 
 
-# --- tiers: markers `docker`, `server`, `slow` (declared in pyproject.toml) ------------------
+# --- tiers: markers `docker`, `browser`, `server`, `slow` (in pyproject.toml) ---------------------
 
 REQUIRE_DOCKER = "CUBEBENCH_REQUIRE_DOCKER"
+REQUIRE_BROWSER = "CUBEBENCH_REQUIRE_BROWSER"
 
 
 def _docker_engine() -> str | None:
@@ -58,16 +59,28 @@ def _docker_engine() -> str | None:
     return None
 
 
+def _chromium() -> str | None:
+    """None when Debian's chromium is installed, else why not."""
+    import shutil
+
+    return None if shutil.which("chromium") else "no chromium on PATH (tests/ensure-chromium.sh)"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Docker tests without an engine: skipped with the reason, one line in the summary (the
-    `tests` nox session starts an engine only as root); with CUBEBENCH_REQUIRE_DOCKER=1 (CI)
-    they run, and fail, instead."""
-    docker = [item for item in items if item.get_closest_marker("docker")]
-    if not docker or os.environ.get(REQUIRE_DOCKER) == "1":
-        return
-    why = _docker_engine()
-    if why is None:
-        return
-    skip = pytest.mark.skip(reason=f"{why}; set {REQUIRE_DOCKER}=1 to make this a failure")
-    for item in docker:
-        item.add_marker(skip)
+    """Docker tests without an engine, browser tests without chromium: skipped with the
+    reason, one line in the summary (the `tests` nox session installs both only as root);
+    with CUBEBENCH_REQUIRE_DOCKER=1 / CUBEBENCH_REQUIRE_BROWSER=1 (CI) they run, and fail,
+    instead."""
+    for marker, required, missing in (
+        ("docker", REQUIRE_DOCKER, _docker_engine),
+        ("browser", REQUIRE_BROWSER, _chromium),
+    ):
+        marked = [item for item in items if item.get_closest_marker(marker)]
+        if not marked or os.environ.get(required) == "1":
+            continue
+        why = missing()
+        if why is None:
+            continue
+        skip = pytest.mark.skip(reason=f"{why}; set {required}=1 to make this a failure")
+        for item in marked:
+            item.add_marker(skip)

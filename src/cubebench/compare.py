@@ -15,6 +15,8 @@ from typing import Any
 
 from cubebench.display import fmt
 from cubebench.errors import CubebenchError
+from cubebench.report.plots import plot_accuracy_vs_throughput
+from cubebench.report.render import CSS, embedded_png, html_table
 from cubebench.report.tables import aggregate_table, get
 from cubebench.results import load_run
 
@@ -136,7 +138,8 @@ def table(rows: Sequence[dict], by: str) -> tuple[list[str], list[list[str]]]:
 def write_compare(
     run_dirs: Sequence[Path], out: Path, by: str = "case", force: bool = False
 ) -> list[Path]:
-    """compare.md, compare.html and compare.json of the runs in `out`; runs that answered a
+    """compare.md, compare.html, compare.json and compare.png (accuracy vs throughput, a point
+    per run and case) of the runs in `out`; runs that answered a
     task differently are refused (one line) unless `force`, which notes it in the report."""
     runs = load_runs(run_dirs)
     differ = mismatches(runs)
@@ -152,27 +155,27 @@ def write_compare(
         "Student-t interval (shown with two repeats or more; a single run has none).",
         *(f"Forced despite: {line}." for line in differ),
     ]
+    plot = plot_accuracy_vs_throughput(
+        [{**row, "case": f"{row['case']} · {row['run']}"} for row in rows], out / "compare.png"
+    )
     md = ["# cubebench compare", "", *intro, ""]
     md += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     md += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
+    md += ["", f"![{plot.name}]({plot.name})"]
     (out / "compare.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    cells_html = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in body
-    )
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>cubebench compare</title>"
-        "<style>body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:"
-        "collapse}td,th{padding:.25em .6em;border-bottom:1px solid #ddd}</style></head><body>"
-        "<h1>cubebench compare</h1>"
-        + "".join(f"<p>{html.escape(p)}</p>" for p in intro)
-        + "<table><tr>"
-        + "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        + f"</tr>{cells_html}</table></body></html>"
-    )
-    (out / "compare.html").write_text(page, encoding="utf-8")
+    numeric = [False] * (len(header) - len(COLUMNS) - 1) + [True] * (len(COLUMNS) + 1)
+    page = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>cubebench compare</title>",
+        f"<style>{CSS}</style></head><body><h1>cubebench compare</h1>",
+        *(f"<p>{html.escape(p)}</p>" for p in intro),
+        html_table(header, body, numeric),
+        embedded_png(plot.name, plot.read_bytes()),
+        "</body></html>",
+    ]
+    (out / "compare.html").write_text("\n".join(page), encoding="utf-8")
     summary = {"runs": [r.label for r in runs], "by": by, "forced": differ, "rows": rows}
     (out / "compare.json").write_text(json.dumps(summary, indent=1, default=str))
-    return [out / "compare.md", out / "compare.html", out / "compare.json"]
+    return [out / "compare.md", out / "compare.html", out / "compare.json", plot]
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

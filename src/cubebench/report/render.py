@@ -498,11 +498,13 @@ h3 { font-size: 1.05em; margin-top: 1.2em; }
 table { border-collapse: collapse; font-size: 0.9em; }
 th, td { padding: 0.25em 0.6em; border-bottom: 1px solid #ddd; vertical-align: top; }
 th { background: #f4f4f4; text-align: left; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { white-space: nowrap; }
 tr.failed td, tr.missing td { color: #a00; } tr.partial td { color: #a60; }
 p.legend { font-size: 0.85em; color: #555; max-width: 70em; }
 img { max-width: 100%; margin: 0.5em 0; border: 1px solid #eee; }
 ul.facts { list-style: none; padding-left: 0; } ul.facts li { margin: 0.15em 0; }
+div.wide { max-width: 100%; overflow-x: auto; }
 """
 
 
@@ -517,14 +519,14 @@ def html_table(
 
     e = html.escape
     out = [
-        "<table>",
+        '<div class="wide"><table>',  # a table wider than the page scrolls in its box
         "<tr>" + "".join(f"<th{cls(n)}>{e(h)}</th>" for h, n in zip(headers, numeric)) + "</tr>",
     ]
     for i, row in enumerate(body):
         klass = f' class="{e(row_classes[i])}"' if row_classes and row_classes[i] else ""
         tds = "".join(f"<td{cls(n)}>{e(c)}</td>" for c, n in zip(row, numeric))
         out.append(f"<tr{klass}>{tds}</tr>")
-    out.append("</table>")
+    out.append("</table></div>")
     return "\n".join(out)
 
 
@@ -534,7 +536,8 @@ def facts_html(facts: Sequence[tuple[str, str]]) -> str:
     return f'<ul class="facts">{items}</ul>'
 
 
-def _img(name: str, data: bytes) -> str:
+def embedded_png(name: str, data: bytes) -> str:
+    """An <img> holding the PNG itself: the page is one self-contained file."""
     encoded = base64.b64encode(data).decode("ascii")
     return f'<div><img alt="{html.escape(name)}" src="data:image/png;base64,{encoded}"></div>'
 
@@ -588,7 +591,7 @@ def html_section(
             _legend_html(TRANSFER_LEGEND),
         ]
     if images and section.plot in images:
-        parts.append(_img(section.plot, images[section.plot]))
+        parts.append(embedded_png(section.plot, images[section.plot]))
     return parts
 
 
@@ -615,6 +618,6 @@ def render_html(
     shown = [name for name in plots if name in images]
     if shown:
         parts.append("<h2>Plots</h2>")
-        parts += [_img(name, images[name]) for name in shown]
+        parts += [embedded_png(name, images[name]) for name in shown]
     parts += ["<h2>Environment</h2>", facts_html(environment_facts(env)), "</body></html>"]
     return "\n".join(parts) + "\n"
