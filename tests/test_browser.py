@@ -12,7 +12,7 @@ from browser import layout
 from fake_cases import mean_case
 from run_cli import run_cubebench
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # two suites and a compare first
 
 
 @pytest.fixture(scope="module")

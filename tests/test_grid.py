@@ -93,6 +93,7 @@ class Case(Base):
 '''
 
 
+@pytest.mark.slow  # four variants with mlflow
 def test_a_grid_runs_each_variant_with_its_parameters_its_mlflow_run_and_its_report_row(
     tmp_path,
 ):

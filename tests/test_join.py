@@ -88,6 +88,7 @@ def test_two_suites_joining_at_once_make_one_run_with_one_report_and_one_parent(
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
 
 
+@pytest.mark.slow  # three suites
 def test_a_join_adds_cases_skips_finished_ones_and_refuses_other_settings(tmp_path, cases_dir):
     out = tmp_path / "results"
     first = run_cubebench(*_join(out, cases_dir, "quick"), "--no-tracking")
@@ -145,6 +146,7 @@ def test_bench_gpu_runs_every_case_once_in_its_frameworks_image():
         gpu_plan(listing, "torch-mlp,nope")
 
 
+@pytest.mark.slow  # three suites
 def test_the_report_of_a_run_joined_across_images_says_which_case_ran_in_which(tmp_path, cases_dir):
     out = tmp_path / "results"
     for cases in ("quick", "third"):
